@@ -1,0 +1,37 @@
+"""The ``flood`` command: one entry point, one sub-app per concern."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from cli import bento, models, train
+from core.errors import FloodError
+
+app = typer.Typer(help="Floodingnaque: flood-risk models for Parañaque City.", no_args_is_help=True)
+app.command("train")(train.train_command)
+app.add_typer(models.app, name="models", help="Model versions in the MLflow registry.")
+app.add_typer(bento.app, name="bento", help="Bentos pinned to registry versions.")
+app.command("serve")(bento.serve_command)
+
+
+@app.callback()
+def configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run() -> None:
+    """Console entry point: domain errors become one clear line and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except FloodError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise SystemExit(1) from None
+    except typer.Abort:
+        raise SystemExit(1) from None

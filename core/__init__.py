@@ -1,0 +1,1 @@
+"""Shared domain pieces: settings, the observation contract, derived features, errors."""

@@ -1,0 +1,88 @@
+"""One settings object for the whole system, read once from the environment.
+
+Variable names follow the earlier deployment's runbook where it had one (SECRET_KEY,
+DATABASE_URL, ...), so operators keep their muscle memory. Everything has an embedded
+default that works on a fresh machine: SQLite files and a local MLflow store under
+FLOOD_HOME, no Redis, no broker.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_NAME = "flood-risk"
+CHAMPION_ALIAS = "champion"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    flood_env: Literal["development", "production"] = "development"
+    flood_home: Path = Path(".flood")
+    # The shared real-data folder sits beside the repository on developer machines and CI.
+    flood_data_dir: Path = Path("../shared/data")
+
+    secret_key: SecretStr | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    require_model_signature: bool = False
+    model_signing_key: SecretStr | None = None
+    auth_bypass_enabled: bool = False
+    db_pool_size: int = Field(default=5, ge=1, le=100)
+    rate_limit_default: str = "5/minute;100/hour"
+    debug: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+
+    mlflow_tracking_uri: str | None = None
+    flood_model_name: str = MODEL_NAME
+    flood_experiment: str = "flood-risk"
+
+    @field_validator("flood_home", "flood_data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def is_production(self) -> bool:
+        return self.flood_env == "production"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.flood_home.resolve() / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.flood_home.resolve() / "mlartifacts"
+
+    @property
+    def bentoml_home(self) -> Path:
+        return self.flood_home.resolve() / "bentoml"
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.flood_home.resolve() / "backups"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.flood_home.resolve() / "reports"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.flood_home.resolve() / 'flood.db'}"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests call ``get_settings.cache_clear()`` after changing env."""
+    return Settings()

@@ -1,0 +1,60 @@
+"""Shared fixtures: every test gets its own FLOOD_HOME and fresh settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings, get_settings
+
+IN_CI = os.environ.get("CI") == "true"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+POSTGRES_URL = os.environ.get("FLOOD_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("FLOOD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """In CI a missing service is a failure; locally the test skips and says why."""
+    if port_open(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if IN_CI:
+        pytest.fail(message + " (CI must start it in .ci/run)")
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def flood_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path / "flood-home"
+    monkeypatch.setenv("FLOOD_HOME", str(home))
+    for var in ("FLOOD_ENV", "DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_URI", "SECRET_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    get_settings.cache_clear()
+    yield home
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings(flood_home: Path) -> Settings:
+    return get_settings()
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    if not (SHARED_DATA / "flood_days.csv").is_file():
+        if IN_CI:
+            pytest.fail(f"real data missing at {SHARED_DATA}")
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
