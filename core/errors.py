@@ -25,3 +25,20 @@ class PromotionRefused(RegistryError):
 
 class ConfigurationError(FloodError):
     """Settings are unsafe or inconsistent for the environment they run in."""
+
+
+class AuthenticationError(FloodError):
+    """A request's API key is missing, unknown, revoked or expired; ``reason`` says which."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ApiKeyError(FloodError):
+    """An API key cannot be managed as asked (unknown id, already revoked, ...)."""
+
+
+class DependencyUnavailableError(FloodError):
+    """A backing service (database, Redis) is unreachable and the request cannot be served
+    safely without it (e.g. rate limiting configured to fail closed)."""

@@ -37,6 +37,23 @@ class Settings(BaseSettings):
     auth_bypass_enabled: bool = False
     db_pool_size: int = Field(default=5, ge=1, le=100)
     rate_limit_default: str = "5/minute;100/hour"
+    # Per-tier limits in the `limits` library's notation; RATE_LIMIT_TIERS takes JSON.
+    rate_limit_tiers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "free": "5/minute;100/hour",
+            "basic": "20/minute",
+            "pro": "100/minute",
+            "enterprise": "500/minute",
+        }
+    )
+    # Cost per row for each route; routes not listed cost one per row.
+    rate_limit_route_weights: dict[str, int] = Field(default_factory=dict)
+    rate_limit_policy: Literal["fail-open", "fail-closed"] = "fail-open"
+    api_key_grace_hours: float = Field(default=24.0, ge=0)
+    api_key_cache_seconds: float = Field(default=10.0, ge=0)
+    prediction_log_flush_ms: int = Field(default=200, ge=1)
+    prediction_log_batch_rows: int = Field(default=500, ge=1)
+    batch_max_rows: int = Field(default=1000, ge=1)
     debug: bool = False
     cors_origins: list[str] = Field(default_factory=list)
 

@@ -50,21 +50,25 @@ def sha256_file(path: Path) -> str:
 
 def read_station(path: Path) -> pd.DataFrame:
     """One station's daily weather with the sentinel values decoded; one row per day."""
-    raw = pd.read_csv(path)
+    return decode_station(pd.read_csv(path), source=str(path))
+
+
+def decode_station(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
+    """PAGASA columns -> observation fields, with antecedent sums over a full calendar."""
     missing_cols = [c for c in WEATHER_COLUMNS if c not in raw.columns]
     if missing_cols:
-        raise DataError(f"{path}: missing columns {missing_cols}")
+        raise DataError(f"{source}: missing columns {missing_cols}")
     raw = raw.replace(MISSING, np.nan)
     rainfall = raw["RAINFALL"].astype(float)
     rainfall = rainfall.mask(rainfall == -1, TRACE_MM)
     if (rainfall < 0).any():
         bad = int((rainfall < 0).sum())
-        raise DataError(f"{path}: {bad} negative RAINFALL values other than -1 (trace)")
+        raise DataError(f"{source}: {bad} negative RAINFALL values other than -1 (trace)")
     dates = pd.to_datetime(
         {"year": raw["YEAR"], "month": raw["MONTH"], "day": raw["DAY"]}, errors="coerce"
     )
     if dates.isna().any():
-        raise DataError(f"{path}: {int(dates.isna().sum())} rows with an invalid date")
+        raise DataError(f"{source}: {int(dates.isna().sum())} rows with an invalid date")
     frame = pd.DataFrame(
         {
             "date": dates,

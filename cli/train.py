@@ -1,0 +1,56 @@
+"""``flood train``: load data (or synthesise it), evaluate, fit, and optionally register."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from core.settings import get_settings
+from training.data import has_real_data, load_dataset
+from training.pipeline import train_model
+from training.synthetic import generate_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def train_command(
+    data: Path | None = typer.Option(
+        None, "--data", help="Data folder laid out like ../shared/data (default: FLOOD_DATA_DIR)."
+    ),
+    register: bool = typer.Option(False, "--register", help="Log to MLflow and register a version."),
+    n_estimators: int = typer.Option(300, "--trees", min=10, max=2000, help="Trees in the forest."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for the forest (and synthetic data)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Use generated data even if real data exists."),
+) -> None:
+    """Train the flood classifier; print the per-year report beside the rainfall baseline."""
+    settings = get_settings()
+    data_dir = data or settings.flood_data_dir
+    console = Console(stderr=True)
+    if data is not None and not has_real_data(data):
+        raise typer.BadParameter(f"{data} has no pagasa/*.csv and flood_days.csv", param_hint="--data")
+    if synthetic or not has_real_data(data_dir):
+        if not synthetic:
+            logger.warning("no real data at %s: training on SYNTHETIC data (cannot be promoted "
+                           "to production)", data_dir)  # fmt: skip
+        dataset = generate_dataset(seed=seed)
+    else:
+        dataset = load_dataset(data_dir)
+
+    with console.status("training") as status:
+        result = train_model(
+            dataset,
+            n_estimators=n_estimators,
+            seed=seed,
+            reports_dir=settings.reports_dir,
+            on_step=lambda step: status.update(f"training: {step}"),
+        )
+    typer.echo(result.report_markdown)
+    if register:
+        from registry.store import log_training_run
+
+        info = log_training_run(result, register=True)
+        typer.echo(f"registered {settings.flood_model_name} version {info.version} "  # type: ignore[union-attr]
+                   f"(run {info.run_id}, data_source={info.data_source})")  # type: ignore[union-attr]  # fmt: skip
