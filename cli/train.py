@@ -52,5 +52,5 @@ def train_command(
         from registry.store import log_training_run
 
         info = log_training_run(result, register=True)
-        typer.echo(f"registered {settings.flood_model_name} version {info.version} "  # type: ignore[union-attr]
-                   f"(run {info.run_id}, data_source={info.data_source})")  # type: ignore[union-attr]  # fmt: skip
+        typer.echo(f"registered {settings.flood_model_name} version {info.version} "
+                   f"(run {info.run_id}, data_source={info.data_source})")  # fmt: skip

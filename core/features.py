@@ -93,7 +93,7 @@ def derive_features(raw: np.ndarray, *, wind_speed_fill: float) -> np.ndarray:
     )
 
 
-class FeatureBuilder(TransformerMixin, BaseEstimator):  # type: ignore[misc]
+class FeatureBuilder(TransformerMixin, BaseEstimator):
     """Raw observation fields -> model features (see the module docstring for missing values)."""
 
     def fit(self, X: Any, y: Any = None) -> FeatureBuilder:  # noqa: N803 - sklearn convention

@@ -64,9 +64,7 @@ def decode_station(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
     if (rainfall < 0).any():
         bad = int((rainfall < 0).sum())
         raise DataError(f"{source}: {bad} negative RAINFALL values other than -1 (trace)")
-    dates = pd.to_datetime(
-        {"year": raw["YEAR"], "month": raw["MONTH"], "day": raw["DAY"]}, errors="coerce"
-    )
+    dates = pd.to_datetime({"year": raw["YEAR"], "month": raw["MONTH"], "day": raw["DAY"]}, errors="coerce")
     if dates.isna().any():
         raise DataError(f"{source}: {int(dates.isna().sum())} rows with an invalid date")
     frame = pd.DataFrame(
@@ -86,7 +84,7 @@ def decode_station(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
     # Antecedent sums over the available days of the window; a missing day adds nothing.
     frame["rainfall_3d"] = frame["rainfall"].rolling(3, min_periods=1).sum()
     frame["rainfall_7d"] = frame["rainfall"].rolling(7, min_periods=1).sum()
-    frame["month"] = frame.index.month.astype(float)
+    frame["month"] = pd.DatetimeIndex(frame.index).month.astype(float)
     return frame.reset_index()
 
 
@@ -139,7 +137,5 @@ def load_dataset(data_dir: Path) -> Dataset:
 
 def has_real_data(data_dir: Path | None) -> bool:
     return bool(
-        data_dir
-        and (data_dir / "flood_days.csv").is_file()
-        and any((data_dir / "pagasa").glob("*.csv"))
+        data_dir and (data_dir / "flood_days.csv").is_file() and any((data_dir / "pagasa").glob("*.csv"))
     )

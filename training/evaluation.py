@@ -227,7 +227,7 @@ def evaluate_by_year(
         for key in ("model_pr_auc", "baseline_pr_auc", "model_roc_auc", "model_brier",
                     "model_recall_alert", "model_precision_alert", "baseline_recall",
                     "baseline_precision"):  # fmt: skip
-            metrics[f"test_{year}_{key}"] = float(row[key])
+            metrics[f"test_{year}_{key}"] = float(row[key])  # type: ignore[arg-type]
 
     passed, reason = judge_validation(metrics)
     return Evaluation(
@@ -253,9 +253,7 @@ def judge_validation(metrics: dict[str, float]) -> tuple[bool, str]:
     recall = metrics["oof_recall_alert"]
     problems = []
     if not model >= MIN_LIFT_OVER_CHANCE * chance:
-        problems.append(
-            f"out-of-year PR-AUC {model:.3f} < {MIN_LIFT_OVER_CHANCE}x prevalence {chance:.3f}"
-        )
+        problems.append(f"out-of-year PR-AUC {model:.3f} < {MIN_LIFT_OVER_CHANCE}x prevalence {chance:.3f}")
     if not recall >= MIN_RECALL_AT_ALERT:
         problems.append(f"out-of-year recall at Alert {recall:.2f} < {MIN_RECALL_AT_ALERT}")
     versus = "beats" if model >= base else "does NOT beat"

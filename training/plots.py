@@ -8,18 +8,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless machines; must precede pyplot
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import precision_recall_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import precision_recall_curve
 
-from core.features import FEATURE_NAMES  # noqa: E402
-from training.result import Thresholds  # noqa: E402
+from core.features import FEATURE_NAMES
+from training.result import Thresholds
 
 
-def plot_precision_recall(
-    y: np.ndarray, probability: np.ndarray, rainfall: np.ndarray, path: Path
-) -> Path:
+def plot_precision_recall(y: np.ndarray, probability: np.ndarray, rainfall: np.ndarray, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, score in (("forest (out-of-year)", probability), ("rainfall baseline", rainfall)):
         precision, recall, _ = precision_recall_curve(y, score)
@@ -31,9 +29,7 @@ def plot_precision_recall(
     return _save(fig, path)
 
 
-def plot_calibration(
-    y: np.ndarray, probability: np.ndarray, thresholds: Thresholds, path: Path
-) -> Path:
+def plot_calibration(y: np.ndarray, probability: np.ndarray, thresholds: Thresholds, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     bins = max(2, min(10, int(y.sum())))
     observed, predicted = calibration_curve(y, probability, n_bins=bins, strategy="quantile")

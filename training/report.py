@@ -54,7 +54,6 @@ def render_report(result: TrainingResult) -> str:
             f" (chance {m['prevalence']:.3f}); ROC-AUC {m['oof_roc_auc']:.3f} vs rain"
             f" {m['baseline_oof_roc_auc']:.3f}; recall@Alert {m['oof_recall_alert']:.2f}.",
             f"Serving thresholds: Alert >= {t.alert:.4f}, Critical >= {t.critical:.4f} ({t.rule}).",
-            f"Validation: {'passed' if result.validation_passed else 'FAILED'}: "
-            f"{result.validation_reason}.",
+            f"Validation: {'passed' if result.validation_passed else 'FAILED'}: {result.validation_reason}.",
         ]
     )
