@@ -82,8 +82,10 @@ def decode_station(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
     frame = frame.reindex(full)
     frame.index.name = "date"
     # Antecedent sums over the available days of the window; a missing day adds nothing.
-    frame["rainfall_3d"] = frame["rainfall"].rolling(3, min_periods=1).sum()
-    frame["rainfall_7d"] = frame["rainfall"].rolling(7, min_periods=1).sum()
+    # Rounded: pandas' running sums drift by ~1e-14, enough to make a 7-day sum "smaller"
+    # than the 3-day one; readings have 0.05 mm resolution.
+    frame["rainfall_3d"] = frame["rainfall"].rolling(3, min_periods=1).sum().round(3)
+    frame["rainfall_7d"] = frame["rainfall"].rolling(7, min_periods=1).sum().round(3)
     frame["month"] = pd.DatetimeIndex(frame.index).month.astype(float)
     return frame.reset_index()
 

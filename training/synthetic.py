@@ -60,7 +60,9 @@ def generate_dataset(*, seed: int = 0, years: tuple[int, ...] = (2022, 2023)) ->
     noisy = pressure * np.exp(rng.normal(0.0, 0.25, len(table)))
     table["flood"] = (noisy > 60.0).astype(int)
     table = table.loc[:, list(TABLE_COLUMNS)].sort_values(["date", "station"]).reset_index(drop=True)
-    fingerprint = hashlib.sha256(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()).hexdigest()
+    fingerprint = hashlib.sha256(
+        pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()
+    ).hexdigest()
     return Dataset(
         table=table,
         data_source="synthetic",
