@@ -42,3 +42,7 @@ class ApiKeyError(FloodError):
 class DependencyUnavailableError(FloodError):
     """A backing service (database, Redis) is unreachable and the request cannot be served
     safely without it (e.g. rate limiting configured to fail closed)."""
+
+
+class BackupError(FloodError):
+    """A backup cannot be made, verified, restored or found; the message says which and why."""

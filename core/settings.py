@@ -53,9 +53,22 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
     prediction_log_flush_ms: int = Field(default=200, ge=1)
     prediction_log_batch_rows: int = Field(default=500, ge=1)
-    batch_max_rows: int = Field(default=1000, ge=1)
     debug: bool = False
     cors_origins: list[str] = Field(default_factory=list)
+    # Most observations one POST /api/v1/predict/batch may carry; more is answered with 413.
+    predict_batch_max: int = Field(default=256, ge=1, le=10_000)
+
+    # Celery: broker and result backend default to REDIS_URL, then to a local Redis, so a
+    # developer's `celery -A ops.tasks worker` needs no configuration.
+    celery_broker_url: str | None = None
+    celery_result_backend: str | None = None
+    backup_keep_full: int = Field(default=7, ge=1)
+    backup_keep_schema: int = Field(default=4, ge=1)
+    # Safety backups taken by `flood backup restore` before it overwrites anything.
+    backup_keep_safety: int = Field(default=3, ge=1)
+    prediction_log_retention_days: int = Field(default=90, ge=1)
+    # "archive" writes expired rows to gzipped JSON lines under backups/ before deleting them.
+    prediction_log_retention_mode: Literal["archive", "delete"] = "archive"
 
     mlflow_tracking_uri: str | None = None
     flood_model_name: str = MODEL_NAME
@@ -87,6 +100,14 @@ class Settings(BaseSettings):
     @property
     def backup_dir(self) -> Path:
         return self.flood_home.resolve() / "backups"
+
+    @property
+    def celery_broker(self) -> str:
+        return self.celery_broker_url or self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @property
+    def celery_backend(self) -> str:
+        return self.celery_result_backend or self.celery_broker
 
     @property
     def reports_dir(self) -> Path:

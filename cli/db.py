@@ -1,0 +1,24 @@
+"""``flood db ...``: the ops database schema (API keys, prediction log)."""
+
+from __future__ import annotations
+
+import typer
+
+from ops.migrations import current_revision, head_revision, upgrade_database
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("upgrade")
+def upgrade_command(
+    revision: str = typer.Option("head", "--revision", help="Target Alembic revision."),
+) -> None:
+    """Create or migrate the ops tables at DATABASE_URL (default: SQLite under FLOOD_HOME)."""
+    upgrade_database(revision=revision)
+    typer.echo(f"ops schema at revision {current_revision()}")
+
+
+@app.command("current")
+def current_command() -> None:
+    """Show the schema revision in the database and the newest one this code knows."""
+    typer.echo(f"database: {current_revision() or 'empty'}   code: {head_revision()}")

@@ -1,0 +1,340 @@
+"""The prediction log: every prediction lands in the database exactly once, off the hot path.
+
+Requests only enqueue a record (microseconds). A writer thread bulk-inserts every
+PREDICTION_LOG_FLUSH_MS or PREDICTION_LOG_BATCH_ROWS rows. When the database cannot be
+reached, batches go to a JSON-lines journal under FLOOD_HOME/journal (fsynced), and the
+journal is replayed once the database answers again. Inserts use ON CONFLICT DO NOTHING on
+the unique request_id, so a replay of rows that did land (a commit whose acknowledgement was
+lost) cannot duplicate them. ``close()`` drains the queue; what the database will not take
+stays in the journal, and the next process on this host replays journals whose writer died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
+
+from core.errors import ConfigurationError
+from core.settings import Settings, get_settings
+from ops.database import get_engine
+from ops.tables import PredictionLogRow
+
+logger = logging.getLogger(__name__)
+
+_QUEUE_MAX = 100_000
+_DEFAULT_RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    request_id: str
+    created_at: datetime
+    key_id: str | None
+    inputs: dict[str, Any]
+    probability: float
+    risk_level: str
+    model_version: str
+    bento_tag: str | None
+    latency_ms: float
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        return json.dumps(data, default=str, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> PredictionRecord:
+        data = json.loads(line)
+        data["created_at"] = datetime.fromisoformat(data["created_at"])
+        return cls(**data)
+
+
+class _FlushMarker:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+def _is_transient(exc: SQLAlchemyError) -> bool:
+    """Errors that a later retry can fix: connectivity, and a schema not yet upgraded."""
+    if isinstance(exc, OperationalError | InterfaceError | ProgrammingError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PredictionLog:
+    """A buffered, crash-tolerant writer for :class:`PredictionRecord` rows."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine | None = None,
+        journal_dir: Path | None = None,
+        flush_ms: int | None = None,
+        batch_rows: int | None = None,
+        retry_seconds: float = _DEFAULT_RETRY_SECONDS,
+        settings: Settings | None = None,
+    ) -> None:
+        settings = settings or get_settings()
+        self._engine = engine or get_engine(settings.effective_database_url)
+        dialect = self._engine.dialect.name
+        if dialect not in ("postgresql", "sqlite"):
+            raise ConfigurationError(
+                f"DATABASE_URL: the prediction log supports PostgreSQL and SQLite, not {dialect}"
+            )
+        self._insert_module: Any = postgresql if dialect == "postgresql" else sqlite
+        self._journal_dir = journal_dir or settings.flood_home.resolve() / "journal"
+        self._flush_s = (flush_ms or settings.prediction_log_flush_ms) / 1000
+        self._batch_rows = batch_rows or settings.prediction_log_batch_rows
+        self._retry_s = retry_seconds
+        self._host = socket.gethostname().replace("-", "_")
+        self.journal_path = self._journal_dir / f"journal-{self._host}-{os.getpid()}.jsonl"
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_MAX)
+        self._journal_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._next_retry = 0.0  # monotonic; 0 means the database is believed up
+        self.rows_inserted = 0
+        self.rows_journaled = 0
+        self.last_error: str | None = None
+
+    # -- request path -----------------------------------------------------------------
+
+    def record(self, record: PredictionRecord) -> None:
+        """Enqueue ``record``; never blocks on the database."""
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            # The writer is far behind; the journal keeps the row rather than dropping it.
+            self._append_journal([record])
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._journal_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything recorded so far is in the database or the journal."""
+        if self._thread is None:
+            return self._queue.empty()
+        marker = _FlushMarker()
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drain the queue, try the journal once more, stop the writer."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.error("prediction log writer did not stop within %.0f s", timeout)
+        self._thread = None
+
+    def health(self) -> dict[str, Any]:
+        pending = self.journal_path.is_file() and self.journal_path.stat().st_size > 0
+        return {
+            "status": "degraded" if self._next_retry or pending else "ok",
+            "queued": self._queue.qsize(),
+            "journal_pending": pending,
+            "rows_inserted": self.rows_inserted,
+            "rows_journaled": self.rows_journaled,
+            "last_error": self.last_error if self._next_retry else None,
+        }
+
+    # -- writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._claim_orphan_journals()
+        self._replay_journal()
+        stopping = False
+        while not stopping:
+            batch, markers, stopping = self._take_batch()
+            if batch:
+                self._write(batch)
+            if stopping or (self._next_retry and time.monotonic() >= self._next_retry):
+                self._replay_journal()
+            for marker in markers:
+                marker.done.set()
+
+    def _take_batch(self) -> tuple[list[PredictionRecord], list[_FlushMarker], bool]:
+        batch: list[PredictionRecord] = []
+        markers: list[_FlushMarker] = []
+        deadline = time.monotonic() + self._flush_s
+        while len(batch) < self._batch_rows:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=max(remaining, 0.0))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                batch.extend(self._drain(markers))
+                return batch, markers, True
+            if isinstance(item, _FlushMarker):
+                markers.append(item)
+                break
+            batch.append(item)
+        return batch, markers, False
+
+    def _drain(self, markers: list[_FlushMarker]) -> Iterator[PredictionRecord]:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _FlushMarker):
+                markers.append(item)
+            elif item is not _STOP:
+                yield item
+
+    def _write(self, batch: list[PredictionRecord]) -> None:
+        # While a journal is pending, new rows join it so replay keeps arrival order and
+        # there is one path back into the database.
+        if self._next_retry or self._journal_pending():
+            self._append_journal(batch)
+            return
+        try:
+            self._insert(batch)
+        except SQLAlchemyError as exc:
+            self._mark_down(exc)
+            self._append_journal(batch)
+
+    def _insert(self, batch: list[PredictionRecord]) -> None:
+        rows = [dict(record.__dict__) for record in batch]
+        statement = self._insert_module.insert(PredictionLogRow.__table__).on_conflict_do_nothing(
+            index_elements=["request_id"]
+        )
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(statement, rows)
+        except SQLAlchemyError as exc:
+            if _is_transient(exc):
+                raise
+            self._insert_one_by_one(batch, statement)
+        self.rows_inserted += len(batch)
+
+    def _insert_one_by_one(self, batch: list[PredictionRecord], statement: Any) -> None:
+        # One malformed row must not wedge the journal forever: it goes to a rejects file
+        # for a person to look at, and the rest of the batch lands.
+        for record in batch:
+            try:
+                with self._engine.begin() as connection:
+                    connection.execute(statement, [dict(record.__dict__)])
+            except SQLAlchemyError as exc:
+                if _is_transient(exc):
+                    raise
+                logger.error("prediction %s rejected by the database: %s", record.request_id, exc)
+                rejects = self._journal_dir / f"rejected-{self._host}-{os.getpid()}.jsonl"
+                self._append_lines(rejects, [record.to_json()])
+
+    def _mark_down(self, exc: Exception) -> None:
+        first = not self._next_retry
+        self._next_retry = time.monotonic() + self._retry_s
+        self.last_error = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+        if first:
+            logger.error("prediction log database unreachable, journaling (%s)", self.last_error)
+
+    def _journal_pending(self) -> bool:
+        return self.journal_path.is_file() and self.journal_path.stat().st_size > 0
+
+    def _append_journal(self, records: list[PredictionRecord]) -> None:
+        self._append_lines(self.journal_path, [record.to_json() for record in records])
+        self.rows_journaled += len(records)
+
+    def _append_lines(self, path: Path, lines: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._journal_lock, path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _replay_journal(self) -> None:
+        mine = self._journal_dir.glob(f"replaying-{self._host}-{os.getpid()}-*.jsonl")
+        for path in [*sorted(mine), self.journal_path]:
+            if not self._replay_file(path):
+                return
+        if self._next_retry:
+            logger.warning("prediction log database reachable again; journal replayed")
+        self._next_retry = 0.0
+        self.last_error = None
+
+    def _replay_file(self, path: Path) -> bool:
+        claimed = path
+        if not path.name.startswith("replaying-"):
+            claimed = self._journal_dir / (f"replaying-{self._host}-{os.getpid()}-{uuid.uuid4().hex}.jsonl")
+            # Take the file from the appender first, so rows journaled during the replay
+            # start a new file instead of being deleted with this one.
+            with self._journal_lock, contextlib.suppress(FileNotFoundError):
+                path.rename(claimed)
+        if not claimed.is_file():
+            return True
+        try:
+            with claimed.open(encoding="utf-8") as handle:
+                chunk: list[PredictionRecord] = []
+                for line in handle:
+                    if line.strip():
+                        chunk.append(PredictionRecord.from_json(line))
+                    if len(chunk) >= self._batch_rows:
+                        self._insert(chunk)
+                        chunk = []
+                if chunk:
+                    self._insert(chunk)
+        except SQLAlchemyError as exc:
+            self._mark_down(exc)
+            return False
+        claimed.unlink()
+        logger.info("replayed prediction journal %s", path.name)
+        return True
+
+    def _claim_orphan_journals(self) -> None:
+        """Adopt journals left by dead writers on this host (crash, kill -9, old worker)."""
+        for path in self._journal_dir.glob("*.jsonl"):
+            # Names are kind-host-pid[-uuid]; the host has no '-' (see __init__).
+            kind, host, pid_text, *_ = [*path.stem.split("-"), "", ""]
+            if kind not in ("journal", "replaying") or host != self._host:
+                continue
+            if not pid_text.isdigit() or int(pid_text) == os.getpid():
+                continue
+            if _pid_alive(int(pid_text)):
+                continue
+            target = path.with_name(f"replaying-{self._host}-{os.getpid()}-{uuid.uuid4().hex}.jsonl")
+            with contextlib.suppress(FileNotFoundError):
+                path.rename(target)
+                logger.info("adopted prediction journal %s of dead process %s", path.name, pid_text)
