@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import bento, models, train
+from cli import backup, bento, config, db, keys, models, train
 from core.errors import FloodError
 
 app = typer.Typer(help="Floodingnaque: flood-risk models for Parañaque City.", no_args_is_help=True)
@@ -15,6 +15,10 @@ app.command("train")(train.train_command)
 app.add_typer(models.app, name="models", help="Model versions in the MLflow registry.")
 app.add_typer(bento.app, name="bento", help="Bentos pinned to registry versions.")
 app.command("serve")(bento.serve_command)
+app.add_typer(keys.app, name="keys", help="API keys: create, list, revoke, rotate.")
+app.add_typer(db.app, name="db", help="Ops database schema (API keys, prediction log).")
+app.add_typer(config.app, name="config", help="Configuration checks.")
+app.add_typer(backup.app, name="backup", help="Backups of the ops database: run, list, verify, restore.")
 
 
 @app.callback()

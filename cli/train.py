@@ -24,6 +24,12 @@ def train_command(
     n_estimators: int = typer.Option(300, "--trees", min=10, max=2000, help="Trees in the forest."),
     seed: int = typer.Option(0, "--seed", help="Random seed for the forest (and synthetic data)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Use generated data even if real data exists."),
+    promote: bool = typer.Option(
+        False, "--promote", help="Make the new version champion (implies --register)."
+    ),
+    allow_synthetic: bool = typer.Option(
+        False, "--allow-synthetic", help="With --promote: allow a synthetic-data model (never in production)."
+    ),
 ) -> None:
     """Train the flood classifier; print the per-year report beside the rainfall baseline."""
     settings = get_settings()
@@ -48,9 +54,14 @@ def train_command(
             on_step=lambda step: status.update(f"training: {step}"),
         )
     typer.echo(result.report_markdown)
-    if register:
-        from registry.store import log_training_run
+    if register or promote:
+        from registry import log_training_run, promote_version
 
-        info = log_training_run(result, register=True)
+        info = log_training_run(result)
         typer.echo(f"registered {settings.flood_model_name} version {info.version} "
                    f"(run {info.run_id}, data_source={info.data_source})")  # fmt: skip
+        if promote:
+            # Only synthetic models need the flag: a real-data model goes through the same
+            # checks as `flood models promote`.
+            info = promote_version(info.version, allow_synthetic=allow_synthetic and info.is_synthetic)
+            typer.echo(f"promoted version {info.version} to champion")

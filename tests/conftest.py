@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# MLflow decides on telemetry at first import, which test collection triggers.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 from core.settings import Settings, get_settings
 
 IN_CI = os.environ.get("CI") == "true"

@@ -27,8 +27,9 @@ class Thresholds:
 
     def as_tags(self) -> dict[str, str]:
         return {
-            "threshold_alert": f"{self.alert:.6f}",
-            "threshold_critical": f"{self.critical:.6f}",
+            # repr round-trips a float exactly: served risk levels match training's
+            "threshold_alert": repr(self.alert),
+            "threshold_critical": repr(self.critical),
             "threshold_rule": self.rule,
         }
 

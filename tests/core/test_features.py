@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from core.observation import FIELD_NAMES, INPUT_FIELDS, Observation
 
 
 def features_of(
-    rows: list[dict[str, float]], *, fit_rows: list[dict[str, float]] | None = None
+    rows: Sequence[Mapping[str, float]], *, fit_rows: Sequence[Mapping[str, float]] | None = None
 ) -> pd.DataFrame:
     builder = FeatureBuilder().fit(pd.DataFrame(fit_rows or rows))
     return pd.DataFrame(builder.transform(pd.DataFrame(rows)), columns=list(FEATURE_NAMES))

@@ -65,9 +65,12 @@ def test_test_year_labels_never_reach_its_own_thresholds(synthetic_dataset: Data
     )
     a = evaluate_by_year(table, make).per_year.set_index("test_year")
     b = evaluate_by_year(scrambled, make).per_year.set_index("test_year")
-    assert a.loc[2023, "alert_threshold"] == b.loc[2023, "alert_threshold"]
-    assert a.loc[2023, "critical_threshold"] == b.loc[2023, "critical_threshold"]
-    assert a.loc[2023, "model_pr_auc"] != b.loc[2023, "model_pr_auc"]
+    def at(frame: pd.DataFrame, column: str) -> float:
+        return float(frame.loc[2023, column])  # type: ignore[arg-type]
+
+    assert at(a, "alert_threshold") == at(b, "alert_threshold")
+    assert at(a, "critical_threshold") == at(b, "critical_threshold")
+    assert at(a, "model_pr_auc") != at(b, "model_pr_auc")
 
 
 def test_one_year_is_not_enough(synthetic_dataset: Dataset) -> None:

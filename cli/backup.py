@@ -1,0 +1,128 @@
+"""``flood backup ...``: backups of the ops database (the same functions the Celery tasks call)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+from ops.backup import (
+    backup_summary,
+    cleanup_backups,
+    list_backups,
+    resolve_backup,
+    restore_backup,
+    run_backup,
+    verify_backup,
+)
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("run")
+def run_command(
+    schema_only: bool = typer.Option(False, "--schema-only", help="Tables and indexes, no rows."),
+) -> None:
+    """Back up DATABASE_URL into FLOOD_HOME/backups, with a manifest beside the file."""
+    manifest = run_backup(kind="schema" if schema_only else "full")
+    rows = ", ".join(f"{table}={count}" for table, count in sorted(manifest.tables.items()))
+    typer.echo(
+        f"{manifest.file}  {_size(manifest.size_bytes)}  {manifest.duration_seconds:.1f} s  "
+        f"revision {manifest.alembic_revision or '-'}  rows: {rows or 'no tables'}"
+    )
+
+
+@app.command("list")
+def list_command() -> None:
+    """Backups with a manifest, newest first."""
+    backups = list_backups()
+    summary = backup_summary()
+    if summary.last_failure_at is not None:
+        typer.secho(
+            f"{summary.failures_total} failed attempt(s); last {_when(summary.last_failure_at)}: "
+            f"{summary.last_error}",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+    if not backups:
+        typer.echo("no backups")
+        return
+    width = max(len(m.file) for m in backups)
+    # Plain lines: the file name (UTC time in it) is what `verify` and `restore` take.
+    for manifest in backups:
+        typer.echo(
+            f"{manifest.file:{width}}  {manifest.kind:6}  {_size(manifest.size_bytes):>10}  "
+            f"{sum(manifest.tables.values()):>9} rows  revision {manifest.alembic_revision or '-'}"
+        )
+
+
+@app.command("verify")
+def verify_command(
+    file: str | None = typer.Argument(
+        None, help="Backup file or name in the backup folder (default: newest)."
+    ),
+) -> None:
+    """Check the sha256 and restore into a scratch database, comparing row counts."""
+    report = verify_backup(resolve_backup(file))
+    typer.echo(
+        f"ok: {report.path.name} (sha256 matches, {len(report.restored_rows)} tables, "
+        f"{sum(report.restored_rows.values())} rows restored as recorded)"
+    )
+
+
+@app.command("restore")
+def restore_command(
+    file: str = typer.Argument(..., help="Backup file or name in the backup folder."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Verify FILE, back up the current state, then replace the database's contents with FILE."""
+    path = resolve_backup(file)
+    if not yes:
+        typer.confirm(
+            f"Replace the contents of the ops database with {Path(path).name}? "
+            "(a safety backup is taken first)",
+            abort=True,
+        )
+    report = restore_backup(path)
+    typer.echo(f"safety backup: {report.safety_backup.file}")
+    typer.echo(f"restored {report.path.name} (taken {_when(report.manifest.created_at)})")
+    for table, (expected, actual) in sorted(report.differences.items()):
+        typer.secho(
+            f"warning: {table} has {actual} rows, the backup {expected} (written to meanwhile?)",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+
+
+@app.command("cleanup")
+def cleanup_command() -> None:
+    """Keep the newest BACKUP_KEEP_FULL full, BACKUP_KEEP_SCHEMA schema-only and
+    BACKUP_KEEP_SAFETY safety backups; delete the rest."""
+    removed = cleanup_backups()
+    typer.echo(f"removed {len(removed)} file(s)" + "".join(f"\n  {name}" for name in removed))
+
+
+@app.command("schedule")
+def schedule_command() -> None:
+    """When the Celery beat schedule next runs each periodic task (Asia/Manila)."""
+    from ops.tasks import beat_schedule, next_run_at  # Celery is only needed here
+
+    now = datetime.now(UTC)
+    for entry in beat_schedule():
+        typer.echo(f"{entry:32s} {next_run_at(entry, after=now).strftime('%a %Y-%m-%d %H:%M %Z')}")
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

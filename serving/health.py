@@ -1,0 +1,109 @@
+"""Dependency checks behind ``/health/detailed`` and ``/health/ready``.
+
+Each check reports a status and how long it took; a check never raises. The database is
+required (keys and the prediction log live there); Redis is required only when
+``REDIS_URL`` is set, since without it the service runs without shared rate limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import anyio.to_thread
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["healthy", "unhealthy", "not_configured"]
+CHECK_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Status
+    latency_ms: float
+    required: bool
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "latency_ms": round(self.latency_ms, 3),
+            "required": self.required,
+        }
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+    @property
+    def blocks_readiness(self) -> bool:
+        return self.required and self.status != "healthy"
+
+
+async def run_check(name: str, probe: Callable[[], Awaitable[None]], *, required: bool) -> CheckResult:
+    start = time.perf_counter()
+    try:
+        await asyncio.wait_for(probe(), timeout=CHECK_TIMEOUT_S)
+    except Exception as exc:  # a health check reports failures, it does not raise them
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return CheckResult(name, "unhealthy", _ms_since(start), required, detail)
+    return CheckResult(name, "healthy", _ms_since(start), required)
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+@functools.cache
+def _engine(url: str) -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(url, pool_pre_ping=True, pool_size=1, max_overflow=1)
+
+
+async def ping_database(url: str) -> None:
+    from sqlalchemy import text
+
+    def ping() -> None:
+        with _engine(url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    await anyio.to_thread.run_sync(ping, abandon_on_cancel=True)
+
+
+async def ping_redis(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, socket_timeout=CHECK_TIMEOUT_S)
+    try:
+        await cast(Awaitable[Any], client.ping())
+    finally:
+        await client.aclose()
+
+
+async def check_dependencies(
+    model_probe: Callable[[], Awaitable[None]],
+    *,
+    database_url: str,
+    redis_url: str | None,
+) -> list[CheckResult]:
+    checks = [
+        run_check("model", model_probe, required=True),
+        run_check("database", functools.partial(ping_database, database_url), required=True),
+    ]
+    if redis_url:
+        checks.append(run_check("redis", functools.partial(ping_redis, redis_url), required=True))
+    results = list(await asyncio.gather(*checks))
+    if not redis_url:
+        results.append(CheckResult("redis", "not_configured", 0.0, required=False))
+    return results
+
+
+def overall_status(results: list[CheckResult]) -> Literal["healthy", "degraded"]:
+    return "healthy" if all(r.status != "unhealthy" for r in results) else "degraded"

@@ -1,0 +1,87 @@
+"""Helpers for the backup and worker tests: throw-away PostgreSQL databases with real rows."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import create_engine, insert, text
+from sqlalchemy.engine import make_url
+
+from ops.database import dispose_engines
+from ops.migrations import upgrade_database
+from ops.tables import ApiKey, PredictionLogRow
+from tests.conftest import POSTGRES_URL, require_service
+
+
+@contextlib.contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new database at the test server, schema upgraded, dropped afterwards."""
+    url = make_url(POSTGRES_URL)
+    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
+    name = f"flood_backup_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    test_url = url.set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade_database(test_url)
+        yield test_url
+    finally:
+        dispose_engines()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def insert_rows(url: str, *, keys: int, predictions: int, days_old: float = 0.0) -> None:
+    """Realistic rows in both ops tables (``days_old`` back-dates the predictions)."""
+    created = datetime.now(UTC) - timedelta(days=days_old)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        if keys:
+            connection.execute(
+                insert(ApiKey),
+                [
+                    {
+                        "prefix": f"fnq_{uuid.uuid4().hex[:12]}",
+                        "key_hash": uuid.uuid4().hex * 2,
+                        "name": f"client-{i}",
+                        "tier": "free",
+                        "created_at": created,
+                    }
+                    for i in range(keys)
+                ],
+            )
+        if predictions:
+            connection.execute(
+                insert(PredictionLogRow),
+                [
+                    {
+                        "request_id": uuid.uuid4().hex,
+                        "created_at": created - timedelta(seconds=i),
+                        "key_id": "fnq_0123456789ab",
+                        "inputs": {"temperature": 28.0, "humidity": 80.0 + i % 10, "rainfall": i / 3},
+                        "probability": (i % 100) / 100,
+                        "risk_level": ("Safe", "Alert", "Critical")[i % 3],
+                        "model_version": "3",
+                        "bento_tag": "flood_risk:abc",
+                        "latency_ms": 3.5,
+                    }
+                    for i in range(predictions)
+                ],
+            )
+    engine.dispose()
+
+
+def table_counts(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        counts = {
+            table: int(connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+            for table in ("api_keys", "prediction_log", "flood_alembic_version")
+        }
+    engine.dispose()
+    return counts

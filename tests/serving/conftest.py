@@ -1,0 +1,146 @@
+"""Fixtures for serving tests: registry versions, BentoML models, Bentos, served Bentos.
+
+Building is slow (training, MLflow logging, ``bentoml build``), so one session-scoped
+FLOOD_HOME holds two registry versions and a Bento for each; tests that only read share it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.settings import Settings, get_settings
+from serving.bentos import (
+    BentoSummary,
+    bentoml_environ,
+    build_bento,
+    find_bento,
+    import_registry_version,
+    serve_argv,
+)
+from serving.model_store import read_model
+from serving.predictor import Predictor, ServedModel
+
+SERVE_START_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class BuiltHome:
+    settings: Settings
+    model_tags: dict[int, str]  # registry version -> BentoML model tag
+    bentos: dict[int, BentoSummary]  # registry version -> Bento pinned to it
+
+
+@pytest.fixture(scope="session")
+def built_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltHome]:
+    """Two registry versions (different seeds and sizes) and a Bento built from each."""
+    import registry
+    from training.pipeline import train_model
+    from training.synthetic import generate_dataset
+
+    home = tmp_path_factory.mktemp("serving-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOOD_HOME", str(home))
+        for var in ("DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_URI", "FLOOD_ENV"):
+            mp.delenv(var, raising=False)
+        get_settings.cache_clear()
+        settings = get_settings()
+        model_tags: dict[int, str] = {}
+        bentos: dict[int, BentoSummary] = {}
+        for seed, trees in ((0, 40), (1, 60)):
+            result = train_model(generate_dataset(seed=seed), n_estimators=trees, seed=seed)
+            info = registry.log_training_run(result)
+            tag = import_registry_version(
+                info.version, settings=settings, workdir=home / f"download-{info.version}"
+            )
+            model_tags[info.version] = tag
+            bento_tag = build_bento(tag, settings=settings)
+            bentos[info.version] = find_bento(bento_tag, settings=settings)
+        get_settings.cache_clear()
+        yield BuiltHome(settings=settings, model_tags=model_tags, bentos=bentos)
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def served_model(built_home: BuiltHome) -> tuple[ServedModel, Path]:
+    newest = max(built_home.model_tags)
+    return read_model(built_home.model_tags[newest], store_dir=built_home.settings.bentoml_home / "models")
+
+
+@pytest.fixture(scope="session")
+def predictor(served_model: tuple[ServedModel, Path]) -> Predictor:
+    served, model_dir = served_model
+    return Predictor.from_model_dir(model_dir, expected_sha256=served.pipeline_sha256)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    bento: BentoSummary
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_server(bento: BentoSummary, *, settings: Settings, log: Path) -> Server:
+    port = free_port()
+    env = bentoml_environ(settings)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            serve_argv(bento, host="127.0.0.1", port=port),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so teardown can stop the arbiter and its workers
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return Server(url=url, bento=bento, process=process, log=log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(process)
+    raise RuntimeError(f"bentoml serve not ready in {SERVE_START_TIMEOUT_S}s: {log.read_text()[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (graceful), then SIGKILL to the whole process group if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The newest Bento (pinned to the newest registry version), served over real HTTP."""
+    newest = max(built_home.bentos)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    started = start_server(built_home.bentos[newest], settings=built_home.settings, log=log)
+    try:
+        yield started
+    finally:
+        stop_server(started.process)

@@ -1,0 +1,252 @@
+"""The HTTP edge in-process: contracts, validation errors, health, the ops seam."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.testclient import TestClient
+
+from core.settings import get_settings
+from serving.hooks import EdgeHooks, PredictionRecord
+from serving.http import MODEL_VERSION_HEADER, ResponseHeaders, create_app
+from serving.predictor import Predictor, ServedModel, engine_for
+from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
+
+DAY = {"temperature": 28, "humidity": 85, "rainfall": 50}
+
+
+@dataclass
+class LocalBackend:
+    """The real model called directly, without the batcher (that is tested over HTTP)."""
+
+    served: ServedModel
+    predictor: Predictor
+    engine: str
+    bento_tag: str = "flood_risk:in-process"
+
+    async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_proba(raw)
+
+
+@pytest.fixture
+def backend(served_model: tuple[ServedModel, Path], predictor: Predictor) -> LocalBackend:
+    served, model_dir = served_model
+    return LocalBackend(served=served, predictor=predictor, engine=engine_for(model_dir))
+
+
+def make_client(app: Starlette, backend: LocalBackend | None) -> TestClient:
+    return TestClient(ResponseHeaders(app, get_backend=lambda: backend), raise_server_exceptions=True)
+
+
+@pytest.fixture
+def client(backend: LocalBackend) -> Iterator[TestClient]:
+    with make_client(create_app(lambda: backend), backend) as test_client:
+        yield test_client
+
+
+def test_predict_answers_the_contract(client: TestClient, backend: LocalBackend) -> None:
+    response = client.post("/api/v1/predict", json=DAY)
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"probability", "risk_level", "model", "request_id"}
+    expected = float(backend.predictor.predict_proba(np.array([[28, 85, 50] + [math.nan] * 4]))[0])
+    assert body["probability"] == pytest.approx(expected)
+    assert body["risk_level"] == backend.served.thresholds.risk_level(expected)
+    assert body["model"] == {
+        "name": backend.served.name,
+        "version": backend.served.version,
+        "bento_tag": backend.bento_tag,
+    }
+    assert response.headers[MODEL_VERSION_HEADER] == str(backend.served.version)
+
+
+def test_request_id_is_echoed_when_sane_and_generated_otherwise(client: TestClient) -> None:
+    given = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "abc-123"})
+    assert given.json()["request_id"] == "abc-123"
+    odd = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "no spaces allowed"})
+    assert odd.json()["request_id"] != "no spaces allowed" and len(odd.json()["request_id"]) == 32
+
+
+def test_batch_agrees_with_single_predictions(client: TestClient) -> None:
+    days = [
+        DAY,
+        {"temperature": 27.5, "humidity": 92, "rainfall": 180, "rainfall_3d": 260, "month": 8},
+        {"temperature": 31, "humidity": 60, "rainfall": 0, "wind_speed": 3.2, "month": 2},
+    ]
+    batch = client.post("/api/v1/predict/batch", json={"observations": days})
+    assert batch.status_code == 200
+    body = batch.json()
+    assert body["count"] == 3
+    for day, item in zip(days, body["predictions"], strict=True):
+        single = client.post("/api/v1/predict", json=day).json()
+        assert item["probability"] == single["probability"]
+        assert item["risk_level"] == single["risk_level"]
+        assert item["model"] == single["model"]
+
+
+def test_batch_over_the_limit_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREDICT_BATCH_MAX", "4")
+    get_settings.cache_clear()
+    assert client.post("/api/v1/predict/batch", json={"observations": [DAY] * 4}).status_code == 200
+    too_many = client.post("/api/v1/predict/batch", json={"observations": [DAY] * 5})
+    assert too_many.status_code == 413
+    assert "at most 4" in too_many.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "error_type"),
+    [
+        ({**DAY, "humidity": 101}, "humidity", "less_than_equal"),
+        ({**DAY, "temperature": -11}, "temperature", "greater_than_equal"),
+        ({**DAY, "rainfall": 1000.5}, "rainfall", "less_than_equal"),
+        ({"temperature": 28, "humidity": 85}, "rainfall", "missing"),
+        ({**DAY, "rain": 50}, "rain", "extra_forbidden"),
+        ({**DAY, "humidity": "wet"}, "humidity", "float_parsing"),
+        ({**DAY, "month": 13}, "month", "less_than_equal"),
+        ({**DAY, "rainfall_3d": 10}, "(body)", "value_error"),
+    ],
+)
+def test_invalid_fields_get_a_field_level_422(
+    client: TestClient, body: dict[str, object], field: str, error_type: str
+) -> None:
+    response = client.post("/api/v1/predict", json=body)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert any(d["field"] == field and d["type"] == error_type for d in detail), detail
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b'{"temperature": 28, "humidity": 85', 400),
+        (b"", 400),
+        (b"not json", 400),
+        (b'{"temperature": NaN, "humidity": 85, "rainfall": 50}', 422),
+        (b'{"temperature": Infinity, "humidity": 85, "rainfall": 50}', 422),
+        (b'{"temperature": 1e999, "humidity": 85, "rainfall": 50}', 422),
+        (b"[1, 2, 3]", 422),
+    ],
+)
+def test_malformed_or_non_finite_input_is_4xx(client: TestClient, raw: bytes, status: int) -> None:
+    response = client.post("/api/v1/predict", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b'{"observations": [{"temperature": 28, "humidity": 85', 400),
+        (b'{"observations": [{"temperature": NaN, "humidity": 85, "rainfall": 50}]}', 400),
+        (b'[{"temperature": 28, "humidity": 85, "rainfall": 50}]', 422),
+        (b'{"observations": [], "extra": 1}', 422),
+        (b'{"observations": "many"}', 422),
+    ],
+)
+def test_malformed_batches_are_4xx(client: TestClient, raw: bytes, status: int) -> None:
+    response = client.post("/api/v1/predict/batch", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+
+
+def test_batch_errors_name_the_item_and_field(client: TestClient) -> None:
+    body = {"observations": [DAY, {**DAY, "humidity": -1}]}
+    response = client.post("/api/v1/predict/batch", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "observations.1.humidity"
+
+
+def test_model_route_reports_the_pinned_version(client: TestClient, backend: LocalBackend) -> None:
+    body = client.get("/api/v1/model").json()
+    served = backend.served
+    assert body["version"] == served.version
+    assert body["bento_model_tag"] == served.bento_model_tag
+    assert body["thresholds"] == {
+        "alert": served.thresholds.alert,
+        "critical": served.thresholds.critical,
+        "rule": served.thresholds.rule,
+    }
+    assert body["data_source"] == served.data_source and body["metrics"] == served.metrics
+    assert body["engine"] == "onnxruntime"
+
+
+def test_no_model_means_503_not_500(backend: LocalBackend) -> None:
+    with make_client(create_app(lambda: None), None) as no_model:
+        assert no_model.post("/api/v1/predict", json=DAY).status_code == 503
+        assert no_model.get("/api/v1/model").status_code == 503
+        assert no_model.get("/health").json() == {"status": "healthy"}
+        assert no_model.get("/health/ready").status_code == 503
+        assert no_model.get("/health").headers[MODEL_VERSION_HEADER] == "unknown"
+
+
+def test_health_reports_each_dependency(client: TestClient, flood_home: Path) -> None:
+    flood_home.mkdir(parents=True)  # the default SQLite database lives there
+    assert client.get("/health").json() == {"status": "healthy"}
+    detailed = client.get("/health/detailed").json()
+    assert detailed["status"] == "healthy", detailed
+    assert detailed["checks"]["model"]["status"] == "healthy"
+    assert detailed["checks"]["database"]["status"] == "healthy"
+    assert detailed["checks"]["redis"]["status"] == "not_configured"
+    assert all("latency_ms" in c for c in detailed["checks"].values())
+    assert client.get("/health/ready").status_code == 200
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_health_with_real_postgres_and_redis(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    require_service("Redis", "127.0.0.1", 6379)
+    monkeypatch.setenv("DATABASE_URL", POSTGRES_URL)
+    monkeypatch.setenv("REDIS_URL", REDIS_URL)
+    get_settings.cache_clear()
+    detailed = client.get("/health/detailed").json()
+    assert detailed["status"] == "healthy", detailed
+    assert detailed["checks"]["redis"]["status"] == "healthy"
+    assert client.get("/health/ready").status_code == 200
+
+
+def test_unreachable_redis_degrades_and_blocks_readiness(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, flood_home: Path
+) -> None:
+    flood_home.mkdir(parents=True)
+    from tests.serving.conftest import free_port
+
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    get_settings.cache_clear()
+    detailed = client.get("/health/detailed").json()
+    assert detailed["status"] == "degraded"
+    assert detailed["checks"]["redis"]["status"] == "unhealthy"
+    assert detailed["checks"]["model"]["status"] == "healthy"
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503
+    # Liveness stays cheap and green: a restart would not fix Redis.
+    assert client.get("/health").status_code == 200
+
+
+def test_guards_and_listeners_plug_in_without_touching_health(backend: LocalBackend) -> None:
+    seen: list[PredictionRecord] = []
+
+    async def deny_without_key(request: Request) -> Response | None:
+        if request.headers.get("X-API-Key") != "k":
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
+        return None
+
+    async def record(_: Request, records: Sequence[PredictionRecord]) -> None:
+        seen.extend(records)
+
+    hooks = EdgeHooks(guards=[deny_without_key], listeners=[record])
+    app = create_app(lambda: backend, hooks_factory=lambda: hooks)
+    with make_client(app, backend) as guarded:
+        assert guarded.post("/api/v1/predict", json=DAY).status_code == 401
+        assert guarded.get("/api/v1/model").status_code == 401
+        assert guarded.get("/health").status_code == 200
+        ok = guarded.post("/api/v1/predict", json=DAY, headers={"X-API-Key": "k"})
+        assert ok.status_code == 200
+    assert len(seen) == 1
+    assert seen[0].observation == DAY and seen[0].request_id == ok.json()["request_id"]

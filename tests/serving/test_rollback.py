@@ -1,0 +1,94 @@
+"""Rollback is serving an older Bento: it must report and answer with the older version."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from serving.model_store import read_model
+from serving.predictor import Predictor
+from tests.serving.conftest import BuiltHome, Server, start_server, stop_server
+from tests.serving.load import post_many
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
+
+DAY = {"temperature": 28, "humidity": 85, "rainfall": 120, "month": 8}
+
+
+@pytest.fixture(scope="module")
+def old_server(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    oldest = min(built_home.bentos)
+    log = tmp_path_factory.mktemp("serve-old") / "serve.log"
+    started = start_server(built_home.bentos[oldest], settings=built_home.settings, log=log)
+    try:
+        yield started
+    finally:
+        stop_server(started.process)
+
+
+def test_older_bento_serves_the_older_version(old_server: Server, built_home: BuiltHome) -> None:
+    oldest, newest = min(built_home.bentos), max(built_home.bentos)
+    assert oldest < newest
+    # The newer Bento is the store's newest; the old one must still pin its own model.
+    assert old_server.bento.tag != built_home.bentos[newest].tag
+    served, model_dir = read_model(
+        built_home.model_tags[oldest], store_dir=built_home.settings.bentoml_home / "models"
+    )
+    expected = Predictor.from_model_dir(model_dir, expected_sha256=served.pipeline_sha256)
+    raw = np.array([[28, 85, 120, math.nan, math.nan, math.nan, 8]], dtype=float)
+
+    with httpx.Client(base_url=old_server.url, timeout=10) as client:
+        model = client.get("/api/v1/model").json()
+        answer = client.post("/api/v1/predict", json=DAY)
+    assert model["version"] == oldest
+    assert model["bento_model_tag"] == built_home.model_tags[oldest]
+    assert model["thresholds"]["alert"] == served.thresholds.alert
+    assert answer.headers["X-Model-Version"] == str(oldest)
+    assert answer.json()["model"]["version"] == oldest
+    assert answer.json()["probability"] == pytest.approx(float(expected.predict_proba(raw)[0]))
+
+
+def served_ok(log: str) -> int:
+    return len(re.findall(r"path=/api/v1/predict,.*status=200", log))
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="circus stops both services' workers at once: a request in flight in the API "
+    "service whose call to the model service has not been sent yet gets a 500 (0-14 per "
+    "shutdown measured); a single-service design does not have this gap",
+)
+def test_sigterm_lets_in_flight_requests_finish(old_server: Server) -> None:
+    """SIGTERM mid-burst: every request the server took up is answered, none cut off."""
+    before = served_ok(old_server.log.read_text())
+
+    def terminate_soon() -> None:
+        time.sleep(1.0)
+        old_server.process.send_signal(signal.SIGTERM)  # as a supervisor would: the arbiter
+
+    killer = threading.Thread(target=terminate_soon)
+    killer.start()
+    # A new connection per request. Once the listener closes, new connections are refused
+    # (ConnectError) or reset from the accept backlog before any request is read
+    # (ReadError); neither is an in-flight request.
+    report = asyncio.run(
+        post_many(f"{old_server.url}/api/v1/predict", DAY, requests=3000, concurrency=8, keepalive=False)
+    )
+    killer.join()
+    assert stop_server(old_server.process) == 0
+    assert report.statuses[200] > 0
+    unexpected = {s: n for s, n in report.statuses.items() if s not in (200, "ConnectError", "ReadError")}
+    assert not unexpected, report.statuses
+    log = old_server.log.read_text()
+    # Every request the server started, it finished and the client received.
+    assert served_ok(log) - before == report.statuses[200]
+    assert "status=5" not in log
