@@ -65,6 +65,7 @@ def test_test_year_labels_never_reach_its_own_thresholds(synthetic_dataset: Data
     )
     a = evaluate_by_year(table, make).per_year.set_index("test_year")
     b = evaluate_by_year(scrambled, make).per_year.set_index("test_year")
+
     def at(frame: pd.DataFrame, column: str) -> float:
         return float(frame.loc[2023, column])  # type: ignore[arg-type]
 
