@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from core.checksum import sha256_file
 from core.errors import BackupError
 from core.settings import Settings, get_settings
 from ops.migrations import VERSION_TABLE
@@ -185,7 +185,7 @@ def verify_backup(path: Path, *, settings: Settings | None = None) -> VerifyRepo
             f"{path.name} is {size} bytes but its manifest says {manifest.size_bytes}: "
             "the file is truncated or altered"
         )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != manifest.sha256:
         raise BackupError(
             f"{path.name} has sha256 {digest[:16]}… but its manifest says {manifest.sha256[:16]}…: "
@@ -361,7 +361,7 @@ def _run_backup(kind: BackupKind, settings: Settings) -> BackupManifest:
         created_at=created_at,
         duration_seconds=round(time.perf_counter() - started, 3),
         size_bytes=final.stat().st_size,
-        sha256=_sha256(final),
+        sha256=sha256_file(final),
         alembic_revision=revision,
         tables=tables,
         tool=tool,
@@ -419,14 +419,6 @@ def _manifest_for(path: Path) -> BackupManifest:
     if manifest.file != path.name:
         raise BackupError(f"{manifest_path.name} describes {manifest.file}, not {path.name}")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomically(path: Path, content: str) -> None:

@@ -8,7 +8,6 @@ labelled year but the date is not listed; days of unlabelled years are dropped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.checksum import sha256_file
 from core.errors import DataError
 from core.observation import FIELD_NAMES
 
@@ -38,14 +38,6 @@ class Dataset:
     @property
     def years(self) -> list[int]:
         return sorted(int(y) for y in self.table["year"].unique())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_station(path: Path) -> pd.DataFrame:
