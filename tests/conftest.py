@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,27 @@ def require_service(name: str, host: str, port: int) -> None:
     if IN_CI:
         pytest.fail(message + " (CI must start it in .ci/run)")
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """URL of a new, empty database on the test server, dropped (connections and all) afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(POSTGRES_URL)
+    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            # FORCE: MLflow and the ops engines keep pooled connections for the process's life.
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(autouse=True)

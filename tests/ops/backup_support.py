@@ -8,32 +8,22 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import create_engine, insert, text
-from sqlalchemy.engine import make_url
 
 from ops.database import dispose_engines
 from ops.migrations import upgrade_database
 from ops.tables import ApiKey, PredictionLogRow
-from tests.conftest import POSTGRES_URL, require_service
+from tests.conftest import fresh_postgres_database
 
 
 @contextlib.contextmanager
-def fresh_postgres_database() -> Iterator[str]:
+def upgraded_postgres_database() -> Iterator[str]:
     """A new database at the test server, schema upgraded, dropped afterwards."""
-    url = make_url(POSTGRES_URL)
-    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
-    name = f"flood_backup_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    test_url = url.set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade_database(test_url)
-        yield test_url
-    finally:
-        dispose_engines()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("flood_backup") as test_url:
+        try:
+            upgrade_database(test_url)
+            yield test_url
+        finally:
+            dispose_engines()
 
 
 def insert_rows(url: str, *, keys: int, predictions: int, days_old: float = 0.0) -> None:

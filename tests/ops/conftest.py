@@ -8,11 +8,10 @@ from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from ops.database import dispose_engines
 from ops.migrations import upgrade_database
-from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
+from tests.conftest import REDIS_URL, fresh_postgres_database, require_service
 
 
 @pytest.fixture(autouse=True)
@@ -24,20 +23,11 @@ def _dispose_engines() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """URL of a database created for this session and dropped after it, schema upgraded."""
-    url = make_url(POSTGRES_URL)
-    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
-    name = f"flood_ops_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    test_url = url.set(database=name).render_as_string(hide_password=False)
-    upgrade_database(test_url)
-    dispose_engines()
-    yield test_url
-    dispose_engines()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_postgres_database("flood_ops") as test_url:
+        upgrade_database(test_url)
+        dispose_engines()
+        yield test_url
+        dispose_engines()
 
 
 @pytest.fixture

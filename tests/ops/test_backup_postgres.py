@@ -13,14 +13,14 @@ from core.settings import Settings, get_settings
 from ops.backup import list_backups, restore_backup, run_backup, verify_backup
 from ops.migrations import head_revision
 from tests.conftest import POSTGRES_URL
-from tests.ops.backup_support import fresh_postgres_database, insert_rows, table_counts
+from tests.ops.backup_support import insert_rows, table_counts, upgraded_postgres_database
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
 def pg_url(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    with fresh_postgres_database() as url:
+    with upgraded_postgres_database() as url:
         insert_rows(url, keys=20, predictions=400)
         monkeypatch.setenv("DATABASE_URL", url)
         get_settings.cache_clear()

@@ -30,7 +30,7 @@ from ops.tasks import (
     next_run_at,
 )
 from tests.conftest import REDIS_URL, require_service
-from tests.ops.backup_support import fresh_postgres_database, insert_rows, table_counts
+from tests.ops.backup_support import insert_rows, table_counts, upgraded_postgres_database
 
 MANILA = ZoneInfo("Asia/Manila")
 
@@ -87,7 +87,7 @@ def test_beat_runs_at_manila_wall_clock_times(entry: str, after: datetime, expec
 def worker_env(tmp_path: Path, settings: Settings) -> Iterator[dict[str, str]]:
     parts = urlsplit(REDIS_URL)
     require_service("Redis", parts.hostname or "127.0.0.1", parts.port or 6379)
-    with fresh_postgres_database() as url:
+    with upgraded_postgres_database() as url:
         insert_rows(url, keys=5, predictions=120)
         yield {
             **os.environ,

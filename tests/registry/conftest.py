@@ -7,10 +7,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from core.settings import Settings, get_settings
-from tests.conftest import POSTGRES_URL, require_service
+from tests.conftest import fresh_postgres_database
 
 # Before any test module imports mlflow: it decides about telemetry on first import.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -20,24 +19,8 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 @pytest.fixture(scope="session")
 def postgres_tracking_uri() -> Iterator[str]:
-    import psycopg2
-
-    url = make_url(POSTGRES_URL)
-    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
-    database = f"flood_test_registry_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(
-        host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database
-    )
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{database}"')
-    try:
-        yield url.set(database=database).render_as_string(hide_password=False)
-    finally:
-        with admin.cursor() as cursor:
-            # MLflow keeps pooled connections open for the life of the process.
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
+    with fresh_postgres_database("flood_test_registry") as url:
+        yield url
 
 
 @pytest.fixture(params=BACKENDS)
