@@ -31,11 +31,13 @@ def configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug
 
 
 def run() -> None:
-    """Console entry point: domain errors become one clear line and exit code 1."""
+    """Console entry point: domain errors become one clear line and exit code 1.
+
+    Standalone mode lets Click turn usage errors, ``typer.Exit(n)`` and aborts into their
+    messages and exit codes; it re-raises everything else, so domain errors land here.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except FloodError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise SystemExit(1) from None
-    except typer.Abort:
         raise SystemExit(1) from None
