@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 3000
+DEV_KEY := $(or $(FLOOD_HOME),.flood)/dev-api-key
 
-.PHONY: run train build serve test lint clean
+.PHONY: run train build key serve test lint clean bench bench-smoke
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=...)"; exit 1; }
@@ -16,13 +17,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## run: set up, train on real data (synthetic if none), register, promote, build a Bento, serve it
-run: train build serve
+run: train build key serve
 
 train: $(STAMP)
 	$(BIN)/flood train --register --promote --allow-synthetic
 
 build: $(STAMP)
 	$(BIN)/flood bento build
+
+## key: a development API key (tier pro), created once, readable only by you
+key: $(DEV_KEY)
+
+$(DEV_KEY): | $(STAMP)
+	$(BIN)/flood db upgrade
+	umask 077 && $(BIN)/flood keys create --name local --tier pro | tail -n 1 > $@.tmp && mv $@.tmp $@
+	@echo 'API key in $@: curl ... -H "X-API-Key: $$(cat $@)"'
 
 serve: $(STAMP)
 	$(BIN)/flood serve --host $(HOST) --port $(PORT)
@@ -35,6 +44,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+
+## bench: our Bento vs mlflow serve vs a bare ONNX ceiling (wrk, PostgreSQL, Redis); benchmarks/results/
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.run --smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf .flood .pytest_cache .mypy_cache .ruff_cache

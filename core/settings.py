@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     rate_limit_policy: Literal["fail-open", "fail-closed"] = "fail-open"
     api_key_grace_hours: float = Field(default=24.0, ge=0)
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
+    # While the database is unreachable, a key checked within this window is still judged
+    # by its last known state, so an outage does not lock out every client.
+    api_key_stale_seconds: float = Field(default=3600.0, ge=0)
     prediction_log_flush_ms: int = Field(default=200, ge=1)
     prediction_log_batch_rows: int = Field(default=500, ge=1)
     debug: bool = False

@@ -159,7 +159,9 @@ class ApiKeyStore:
         self._sessions = session_factory or get_session_factory(self._settings.effective_database_url)
         self._secret = secret if secret is not None else resolve_secret_key(self._settings)
         self._cache_seconds = self._settings.api_key_cache_seconds if cache_seconds is None else cache_seconds
-        self._cache: dict[str, tuple[float, ApiKeyInfo | None]] = {}
+        self._stale_seconds = self._settings.api_key_stale_seconds
+        # digest -> (fresh until, usable during an outage until, info); monotonic seconds
+        self._cache: dict[str, tuple[float, float, ApiKeyInfo | None]] = {}
         self._cache_lock = threading.Lock()
 
     # -- management -------------------------------------------------------------------
@@ -243,16 +245,36 @@ class ApiKeyStore:
         """The key's info, or :class:`AuthenticationError` with reason ``missing``,
         ``unknown``, ``revoked`` or ``expired``; :class:`DependencyUnavailableError` when the
         database cannot be asked and the key is not cached. The key is never logged."""
+        cached = self.verify_cached_key(raw_key)
+        if cached is not None:
+            return cached
+        assert raw_key  # verify_cached_key refused a missing key
+        digest = hash_key(raw_key, self._secret)
+        try:
+            info = self._load_info(raw_key, digest)
+        except DependencyUnavailableError:
+            last_known = self._cache.get(digest)
+            if last_known is None or last_known[1] <= time.monotonic():
+                raise
+            # Revocations made during the outage cannot be seen anyway; expiry still is,
+            # since _accept judges the remembered info against the current time.
+            return self._accept(last_known[2])
+        self._remember(digest, info, time.monotonic())
+        return self._accept(info)
+
+    def verify_cached_key(self, raw_key: str | None) -> ApiKeyInfo | None:
+        """:meth:`verify_key` from the in-process cache alone, so it never waits on the
+        database: the key's info or the same :class:`AuthenticationError`, or None when only
+        the database can tell (the caller then runs ``verify_key`` where blocking is fine)."""
         if not raw_key:
             raise AuthenticationError("missing", "no API key: send X-API-Key or Authorization: Bearer")
-        digest = hash_key(raw_key, self._secret)
-        now_mono = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now_mono:
-            info = cached[1]
-        else:
-            info = self._load_info(raw_key, digest)
-            self._remember(digest, info, now_mono)
+        cached = self._cache.get(hash_key(raw_key, self._secret))
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        return self._accept(cached[2])
+
+    @staticmethod
+    def _accept(info: ApiKeyInfo | None) -> ApiKeyInfo:
         if info is None:
             raise AuthenticationError("unknown", "API key not recognised")
         status = info.status()
@@ -277,7 +299,7 @@ class ApiKeyStore:
                 return ApiKeyInfo.from_row(row)
         except SQLAlchemyError as exc:
             # A database outage must not turn every request into a 500 with a stack trace;
-            # keys already cached keep working until their entry ages out.
+            # verify_key falls back to the last known state of keys it has seen.
             logger.error("API key lookup failed: %s", exc.__class__.__name__)
             raise DependencyUnavailableError(
                 "API keys cannot be checked right now (database unreachable)"
@@ -291,7 +313,11 @@ class ApiKeyStore:
                 # Unknown keys are cached too (so guessing cannot hammer the database),
                 # which means a flood of guesses could grow this without bound.
                 self._cache.clear()
-            self._cache[digest] = (now_mono + self._cache_seconds, info)
+            self._cache[digest] = (
+                now_mono + self._cache_seconds,
+                now_mono + max(self._cache_seconds, self._stale_seconds),
+                info,
+            )
 
     def clear_cache(self) -> None:
         with self._cache_lock:

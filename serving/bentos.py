@@ -17,7 +17,8 @@ from pathlib import Path
 
 from core.errors import ConfigurationError, FloodError, ModelIntegrityError
 from core.settings import Settings
-from serving.model_store import import_model
+from ops.signing import signing_key
+from serving.model_store import import_model, sign_imported_model
 from serving.predictor import ServedModel
 from training.data import sha256_file
 
@@ -83,7 +84,8 @@ def import_registry_version(version: int | None, *, settings: Settings, workdir:
     """Resolve (default: the champion), download, verify and import one registry version.
 
     ``download_model`` checks the files against the version's recorded sha256; the run id
-    in the files must match the version's; the BentoML model tag records both.
+    in the files must match the version's; the BentoML model tag records both. With
+    MODEL_SIGNING_KEY set, the imported model is signed.
     """
     import registry
 
@@ -104,7 +106,12 @@ def import_registry_version(version: int | None, *, settings: Settings, workdir:
         metrics=dict(info.metrics),
         created_at=info.created_at.isoformat(),
     )
-    return import_model(served, pipeline_file, store_dir=settings.bentoml_home / "models")
+    store_dir = settings.bentoml_home / "models"
+    tag = import_model(served, pipeline_file, store_dir=store_dir)
+    if settings.model_signing_key is not None:
+        # Signed as stored, so the Bento carries the signature its service checks at start.
+        sign_imported_model(tag, store_dir=store_dir, key=signing_key(settings))
+    return tag
 
 
 def build_bento(model_tag: str, *, settings: Settings) -> str:

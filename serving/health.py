@@ -1,8 +1,11 @@
 """Dependency checks behind ``/health/detailed`` and ``/health/ready``.
 
-Each check reports a status and how long it took; a check never raises. The database is
-required (keys and the prediction log live there); Redis is required only when
-``REDIS_URL`` is set, since without it the service runs without shared rate limits.
+Each check reports a status and how long it took; a check never raises. Only the model
+blocks readiness unconditionally. An unreachable database degrades the service but leaves
+it ready: keys already seen are judged by their last known state and the prediction log
+journals to disk until it returns, so taking replicas out of rotation would lose more than
+it saves. Redis is checked only when ``REDIS_URL`` is set, and blocks readiness only when
+rate limits fail closed without it.
 """
 
 from __future__ import annotations
@@ -92,13 +95,15 @@ async def check_dependencies(
     *,
     database_url: str,
     redis_url: str | None,
+    redis_required: bool = True,
 ) -> list[CheckResult]:
     checks = [
         run_check("model", model_probe, required=True),
-        run_check("database", functools.partial(ping_database, database_url), required=True),
+        run_check("database", functools.partial(ping_database, database_url), required=False),
     ]
     if redis_url:
-        checks.append(run_check("redis", functools.partial(ping_redis, redis_url), required=True))
+        probe = functools.partial(ping_redis, redis_url)
+        checks.append(run_check("redis", probe, required=redis_required))
     results = list(await asyncio.gather(*checks))
     if not redis_url:
         results.append(CheckResult("redis", "not_configured", 0.0, required=False))

@@ -1,19 +1,22 @@
 """The HTTP edge: routes, input validation, error shapes, response headers.
 
-Status codes are chosen here and only here. Bad input is always a 4xx with a field-level
-reason: malformed JSON 400, a batch over the limit 413, invalid fields 422. A model that
-is not loaded yet, or a batcher shedding load, is a 503 the client may retry.
+Status codes are chosen here (and, for API keys and rate limits, in ``serving.operations``).
+Bad input is always a 4xx with a field-level reason: malformed JSON 400, a batch over the
+limit 413, invalid fields 422. A model that is not loaded yet, or a batcher shedding load,
+is a 503 the client may retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -26,8 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.observation import FIELD_NAMES, Observation
 from core.settings import get_settings
-from serving.health import check_dependencies, overall_status
-from serving.hooks import EdgeHooks, PredictionRecord, load_hooks
+from ops.predictionlog import PredictionRecord
+from serving.health import CheckResult, check_dependencies, overall_status
+from serving.hooks import EdgeHooks, edge_headers
 from serving.metrics import get_metrics
 from serving.predictor import ServedModel
 from serving.schemas import (
@@ -43,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_VERSION_HEADER = "X-Model-Version"
 REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# 48, not 64: batch rows are logged as "<request id>#<row>", and the log's column holds 64.
+# '#' cannot occur in a request id, so a row id never collides with a request id.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,48}$")
 _OBSERVATIONS = TypeAdapter(list[Observation])
 _PROBE_ROW = np.array([[28.0, 85.0, 50.0] + [math.nan] * (len(FIELD_NAMES) - 3)])
 
@@ -105,29 +111,36 @@ def _request_id(request: Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
+def log_row_ids(request_id: str, rows: int, *, batch: bool) -> list[str]:
+    """Prediction-log ids: the request id for a single prediction, ``<id>#<row>`` in a batch."""
+    return [f"{request_id}#{i}" for i in range(rows)] if batch else [request_id]
+
+
 class Edge:
     """Route handlers bound to a model backend and the ops hooks."""
 
     def __init__(self, get_backend: BackendGetter, hooks_factory: Callable[[], EdgeHooks]) -> None:
         self._get_backend = get_backend
+        # Asked on every request, never cached: the hooks belong to the service instance,
+        # which does not exist yet when the app is built.
         self._hooks_factory = hooks_factory
-        self._hooks: EdgeHooks | None = None
 
-    @property
-    def hooks(self) -> EdgeHooks:
-        if self._hooks is None:
-            self._hooks = self._hooks_factory()
-        return self._hooks
-
-    async def _guard(self, request: Request) -> Response | None:
-        for guard in self.hooks.guards:
+    async def _guard(self, request: Request, hooks: EdgeHooks) -> Response | None:
+        for guard in hooks.guards:
             answer = await guard(request)
             if answer is not None:
                 return answer
         return None
 
+    async def _charge(self, request: Request, hooks: EdgeHooks, *, route: str, rows: int) -> Response | None:
+        for charge in hooks.charges:
+            answer = await charge(request, route, rows)
+            if answer is not None:
+                return answer
+        return None
+
     async def _predict(
-        self, request: Request, observations: list[Observation], *, route: str
+        self, request: Request, hooks: EdgeHooks, observations: list[Observation], *, route: str
     ) -> list[Prediction] | Response:
         backend = self._get_backend()
         if backend is None:
@@ -152,37 +165,48 @@ class Edge:
             predictions.append(
                 Prediction(probability=probability, risk_level=level, model=ref, request_id=request_id)
             )
-        if self.hooks.listeners:
+        if hooks.listeners:
+            now = datetime.now(UTC)
+            latency_ms = (time.perf_counter() - request.state.started) * 1000.0
+            ids = log_row_ids(request_id, len(predictions), batch=route == "predict_batch")
             records = [
                 PredictionRecord(
-                    request_id=request_id,
-                    observation=o.model_dump(exclude_none=True),
+                    request_id=row_id,
+                    created_at=now,
+                    key_id=getattr(request.state, "key_id", None),
+                    inputs=o.model_dump(exclude_none=True),
                     probability=p.probability,
                     risk_level=p.risk_level,
-                    model_version=served.version,
+                    model_version=str(served.version),
+                    bento_tag=ref.bento_tag,
+                    latency_ms=latency_ms,
                 )
-                for o, p in zip(observations, predictions, strict=True)
+                for row_id, o, p in zip(ids, observations, predictions, strict=True)
             ]
-            for listener in self.hooks.listeners:
+            for listener in hooks.listeners:
                 await listener(request, records)
         return predictions
 
     async def predict(self, request: Request) -> Response:
         request.state.request_id = _request_id(request)
-        if (refused := await self._guard(request)) is not None:
+        hooks = self._hooks_factory()
+        if (refused := await self._guard(request, hooks)) is not None:
+            return refused
+        if (refused := await self._charge(request, hooks, route="predict", rows=1)) is not None:
             return refused
         try:
             observation = Observation.model_validate_json(await request.body())
         except ValidationError as exc:
             return _validation_response(exc)
-        result = await self._predict(request, [observation], route="predict")
+        result = await self._predict(request, hooks, [observation], route="predict")
         if isinstance(result, Response):
             return result
         return JSONResponse(result[0].model_dump())
 
     async def predict_batch(self, request: Request) -> Response:
         request.state.request_id = _request_id(request)
-        if (refused := await self._guard(request)) is not None:
+        hooks = self._hooks_factory()
+        if (refused := await self._guard(request, hooks)) is not None:
             return refused
         try:
             body = json.loads(await request.body(), parse_constant=_reject_constant)
@@ -198,18 +222,24 @@ class Edge:
         limit = get_settings().predict_batch_max
         if isinstance(items, list) and len(items) > limit:
             return _error(413, f"at most {limit} observations per batch, got {len(items)}")
+        rows = len(items) if isinstance(items, list) else 1
+        if (refused := await self._charge(request, hooks, route="predict_batch", rows=rows)) is not None:
+            return refused
         try:
             observations = _OBSERVATIONS.validate_python(items)
         except ValidationError as exc:
             return _validation_response_batch(exc)
-        result = await self._predict(request, observations, route="predict_batch")
+        result = await self._predict(request, hooks, observations, route="predict_batch")
         if isinstance(result, Response):
             return result
         out = BatchPrediction(predictions=result, count=len(result), request_id=request.state.request_id)
         return JSONResponse(out.model_dump())
 
     async def model_info(self, request: Request) -> Response:
-        if (refused := await self._guard(request)) is not None:
+        hooks = self._hooks_factory()
+        if (refused := await self._guard(request, hooks)) is not None:
+            return refused
+        if (refused := await self._charge(request, hooks, route="model", rows=1)) is not None:
             return refused
         backend = self._get_backend()
         if backend is None:
@@ -238,7 +268,7 @@ class Edge:
     async def health(self, _: Request) -> Response:
         return JSONResponse({"status": "healthy"})
 
-    async def _checks(self) -> list[Any]:
+    async def _checks(self) -> list[CheckResult]:
         backend = self._get_backend()
 
         async def probe_model() -> None:
@@ -251,14 +281,23 @@ class Edge:
             probe_model,
             database_url=settings.effective_database_url,
             redis_url=settings.redis_url,
+            # Failing open, the service keeps serving without Redis: a replica that is not
+            # ready would be taken out of rotation for nothing (all replicas share Redis).
+            redis_required=settings.rate_limit_policy == "fail-closed",
         )
 
     async def health_detailed(self, _: Request) -> Response:
-        results = await self._checks()
-        body = {
-            "status": overall_status(results),
+        hooks = self._hooks_factory()
+        results, operations = await asyncio.gather(
+            self._checks(), hooks.health() if hooks.health else _no_operations()
+        )
+        degraded = any(report.get("status") != "ok" for report in operations.values())
+        body: dict[str, Any] = {
+            "status": "degraded" if degraded else overall_status(results),
             "checks": {r.name: r.as_dict() for r in results},
         }
+        if operations:
+            body["operations"] = operations
         return JSONResponse(body)
 
     async def health_ready(self, _: Request) -> Response:
@@ -269,6 +308,10 @@ class Edge:
             "checks": {r.name: r.as_dict() for r in results},
         }
         return JSONResponse(body, status_code=503 if blocking else 200)
+
+
+async def _no_operations() -> dict[str, dict[str, Any]]:
+    return {}
 
 
 def _validation_response_batch(exc: ValidationError) -> JSONResponse:
@@ -284,14 +327,26 @@ def _validation_response_batch(exc: ValidationError) -> JSONResponse:
     return _error(422, "invalid observation", detail)
 
 
-def create_app(
-    get_backend: BackendGetter, *, hooks_factory: Callable[[], EdgeHooks] = load_hooks
-) -> Starlette:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _sending_edge_headers(handler: Handler) -> Handler:
+    async def handle(request: Request) -> Response:
+        request.state.started = time.perf_counter()
+        response = await handler(request)
+        response.headers.update(edge_headers(request))
+        return response
+
+    return handle
+
+
+def create_app(get_backend: BackendGetter, *, hooks_factory: Callable[[], EdgeHooks]) -> Starlette:
+    """The API; ``hooks_factory`` gives the guards, charges and listeners for each request."""
     edge = Edge(get_backend, hooks_factory)
     routes = [
-        Route("/api/v1/predict", edge.predict, methods=["POST"]),
-        Route("/api/v1/predict/batch", edge.predict_batch, methods=["POST"]),
-        Route("/api/v1/model", edge.model_info, methods=["GET"]),
+        Route("/api/v1/predict", _sending_edge_headers(edge.predict), methods=["POST"]),
+        Route("/api/v1/predict/batch", _sending_edge_headers(edge.predict_batch), methods=["POST"]),
+        Route("/api/v1/model", _sending_edge_headers(edge.model_info), methods=["GET"]),
         Route("/health", edge.health, methods=["GET"]),
         Route("/health/detailed", edge.health_detailed, methods=["GET"]),
         Route("/health/ready", edge.health_ready, methods=["GET"]),

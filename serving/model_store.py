@@ -16,6 +16,7 @@ import numpy as np
 
 from core.errors import ModelIntegrityError
 from core.observation import INPUT_FIELDS
+from ops.signing import SIGNATURE_FILE, sign_model_dir, verify_model_dir
 from registry.integrity import PIPELINE_FILE, load_pipeline_file
 from serving.compiled import CompiledForest, check_agreement, compile_forest
 from serving.predictor import COMPILED_REPORT_FILE, ONNX_FILE, ServedModel
@@ -117,6 +118,26 @@ def import_model(model: ServedModel, pipeline_file: Path, *, store_dir: Path) ->
         (target / COMPILED_REPORT_FILE).write_text(json.dumps(report, indent=2))
     logger.info("imported %s (compiled forest: %s)", tag, report)
     return tag
+
+
+def sign_imported_model(tag: str, *, store_dir: Path, key: bytes) -> Path:
+    """Sign a stored model's files with MODEL_SIGNING_KEY; the signature file's path.
+
+    A model is signed once: an existing signature must verify (it is never rewritten over
+    files that changed since), and an unsigned model is signed only if its pipeline file
+    still has the checksum the registry recorded.
+    """
+    served, model_dir = read_model(tag, store_dir=store_dir)
+    signature = model_dir / SIGNATURE_FILE
+    if signature.is_file():
+        verify_model_dir(model_dir, key)
+        return signature
+    actual = sha256_file(model_dir / PIPELINE_FILE)
+    if actual != served.pipeline_sha256:
+        raise ModelIntegrityError(
+            f"{model_dir / PIPELINE_FILE}: sha256 {actual} is not {served.pipeline_sha256}; not signing it"
+        )
+    return sign_model_dir(model_dir, key)
 
 
 def served_model_of(stored: Any) -> ServedModel:

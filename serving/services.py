@@ -3,11 +3,17 @@
 The model a Bento serves is fixed at build time by ``--arg model_tag=<name>:<version>``
 (``flood bento build`` passes it); the Bento stores the argument, so serving the Bento by
 tag, today or after a rollback, loads exactly that model and never ``latest``.
+
+Before any worker starts, the deployment hook refuses unsafe production settings, an
+unsigned or altered model (REQUIRE_MODEL_SIGNATURE) and an outdated ops schema. Each API
+worker then holds its own key store, rate limiter and prediction log
+(``serving.operations``), flushed when the worker stops.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,11 +21,17 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from serving.bentos import pinned_model_tag
+from core.errors import FloodError
+from ops.signing import check_model_at_start
+from serving.bentos import GRACEFUL_SHUTDOWN_S, pinned_model_tag
+from serving.hooks import EdgeHooks
 from serving.http import Overloaded, ResponseHeaders, create_app
-from serving.metrics import get_metrics
+from serving.metrics import get_metrics, scrape_time_metrics
 from serving.model_store import served_model_of
+from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
+from serving.shutdown import outlive_callers
+from serving.startup import check_service_start
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +46,9 @@ MAX_LATENCY_MS = 400
 # 300 s by default, closing it under in-flight calls (measured: 119 of 1109 requests
 # failed at concurrency 16). One session for the life of the worker avoids that.
 NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
+API_SERVICE_NAME = "flood_risk"
+# The API drains for up to GRACEFUL_SHUTDOWN_S, then flushes its prediction log.
+MODEL_OUTLIVES_API_S = 2 * GRACEFUL_SHUTDOWN_S
 
 
 MODEL_TAG = pinned_model_tag()
@@ -53,10 +68,12 @@ class FloodRiskModel:
     def __init__(self) -> None:
         stored = self.bento_model
         self.served = served_model_of(stored)
+        check_model_at_start(Path(stored.path))
         self.predictor = Predictor.from_model_dir(
             Path(stored.path), expected_sha256=self.served.pipeline_sha256
         )
         logger.info("loaded %s (%s)", self.served.bento_model_tag, engine_for(Path(stored.path)))
+        outlive_callers(API_SERVICE_NAME, max_wait_s=MODEL_OUTLIVES_API_S)
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, raw: np.ndarray) -> np.ndarray:
@@ -71,21 +88,52 @@ def _current_backend() -> FloodRiskAPI | None:
         return None
 
 
-edge_app = create_app(_current_backend)
+def _current_hooks() -> EdgeHooks:
+    backend = _current_backend()
+    # Without a service instance the routes answer 503 before any hook would matter.
+    return backend.hooks if backend is not None else EdgeHooks()
+
+
+edge_app = create_app(_current_backend, hooks_factory=_current_hooks)
 
 
 @bentoml.asgi_app(edge_app, path="/")
-@bentoml.service(name="flood_risk", workers=1, traffic={"timeout": 30})
+@bentoml.service(name=API_SERVICE_NAME, workers=1, traffic={"timeout": 30})
 class FloodRiskAPI:
     """The public API; predictions go to the model service through ``bentoml.depends``."""
 
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
     model = bentoml.depends(FloodRiskModel)
 
+    @bentoml.on_deployment
+    def refuse_unsafe_start() -> None:
+        """Runs once in the ``bentoml serve`` process before any worker starts."""
+        stored = bentoml.models.get(MODEL_TAG)
+        try:
+            check_service_start(Path(stored.path), model_data_source=served_model_of(stored).data_source)
+        except FloodError as exc:
+            # One clear message and exit 1, as the `flood` CLI does, rather than a
+            # traceback from deep inside BentoML's server startup.
+            sys.exit(f"error: {API_SERVICE_NAME} not started: {exc}")
+
     def __init__(self) -> None:
         stored = self.bento_model
         self._served = served_model_of(stored)
         self._engine = engine_for(Path(stored.path))
+        self.operations = EdgeOperations.start()
+        self._hooks = self.operations.hooks()
+
+    @bentoml.on_shutdown
+    def close_operations(self) -> None:
+        self.operations.close()
+
+    def __metrics__(self, content: str) -> str:
+        """BentoML's /metrics output plus what is read at scrape time (backups)."""
+        return content + scrape_time_metrics()
+
+    @property
+    def hooks(self) -> EdgeHooks:
+        return self._hooks
 
     @property
     def served(self) -> ServedModel:

@@ -2,10 +2,13 @@
 
 Building is slow (training, MLflow logging, ``bentoml build``), so one session-scoped
 FLOOD_HOME holds two registry versions and a Bento for each; tests that only read share it.
+Its embedded SQLite holds an API key of the ``load`` tier (limits far above any test's
+traffic) for tests that are not about keys or limits.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,6 +22,9 @@ import httpx
 import pytest
 
 from core.settings import Settings, get_settings
+from ops.database import dispose_engines
+from ops.keys import ApiKeyStore
+from ops.migrations import upgrade_database
 from serving.bentos import (
     BentoSummary,
     bentoml_environ,
@@ -31,6 +37,16 @@ from serving.model_store import read_model
 from serving.predictor import Predictor, ServedModel
 
 SERVE_START_TIMEOUT_S = 120
+LOAD_TIER = "load"
+# Every served test home runs with these tiers: one far above any test's traffic, and
+# small ones whose limits the rate-limit tests reach on purpose.
+TEST_TIERS = {
+    "free": "5/minute;100/hour",
+    LOAD_TIER: "1000000/minute",
+    "tiny": "3/minute",
+    "shared": "10/minute",
+    "rows": "10/minute",
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,20 @@ class BuiltHome:
     settings: Settings
     model_tags: dict[int, str]  # registry version -> BentoML model tag
     bentos: dict[int, BentoSummary]  # registry version -> Bento pinned to it
+    api_key: str  # tier LOAD_TIER, in the home's SQLite
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"X-API-Key": self.api_key}
+
+
+def tiers_env(tiers: dict[str, str]) -> dict[str, str]:
+    return {"RATE_LIMIT_TIERS": json.dumps(tiers)}
+
+
+def issue_key(settings: Settings, *, tier: str, name: str = "test") -> str:
+    """A new key in ``settings``' database, the way `flood keys create` makes one."""
+    return ApiKeyStore(settings=settings).create_key(name, tier).raw_key
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +95,12 @@ def built_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltHome]:
             model_tags[info.version] = tag
             bento_tag = build_bento(tag, settings=settings)
             bentos[info.version] = find_bento(bento_tag, settings=settings)
+        keyed = settings.model_copy(update={"rate_limit_tiers": TEST_TIERS})
+        upgrade_database(keyed.effective_database_url)
+        api_key = issue_key(keyed, tier=LOAD_TIER, name="serving-tests")
+        dispose_engines()
         get_settings.cache_clear()
-        yield BuiltHome(settings=settings, model_tags=model_tags, bentos=bentos)
+        yield BuiltHome(settings=settings, model_tags=model_tags, bentos=bentos, api_key=api_key)
     get_settings.cache_clear()
 
 
@@ -96,13 +130,24 @@ class Server:
     log: Path
 
 
-def start_server(bento: BentoSummary, *, settings: Settings, log: Path) -> Server:
-    port = free_port()
+def serve_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: the home's, the test tiers, no ops settings of this shell."""
     env = bentoml_environ(settings)
+    for var in ("DATABASE_URL", "REDIS_URL", "FLOOD_ENV", "SECRET_KEY", "AUTH_BYPASS_ENABLED"):
+        env.pop(var, None)
+    return {**env, **tiers_env(TEST_TIERS), **(extra or {})}
+
+
+def start_server(
+    bento: BentoSummary, *, settings: Settings, log: Path, env: dict[str, str] | None = None
+) -> Server:
+    """``bentoml serve`` on a free port, ready; ``env`` is added to :func:`serve_env`."""
+    port = free_port()
+    full_env = serve_env(settings, env)
     with log.open("wb") as out:
         process = subprocess.Popen(
             serve_argv(bento, host="127.0.0.1", port=port),
-            env=env,
+            env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so teardown can stop the arbiter and its workers

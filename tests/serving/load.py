@@ -23,7 +23,13 @@ class LoadReport:
 
 
 async def post_many(
-    url: str, body: dict[str, Any], *, requests: int, concurrency: int, keepalive: bool = True
+    url: str,
+    body: dict[str, Any],
+    *,
+    requests: int,
+    concurrency: int,
+    keepalive: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> LoadReport:
     report = LoadReport()
     limits = httpx.Limits(
@@ -45,7 +51,7 @@ async def post_many(
             report.latencies_s.append(time.perf_counter() - start)
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     report.elapsed_s = time.perf_counter() - start
     return report

@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
 from core.settings import get_settings
-from serving.hooks import EdgeHooks, PredictionRecord
+from ops.predictionlog import PredictionRecord
+from serving.hooks import EdgeHooks, edge_headers
 from serving.http import MODEL_VERSION_HEADER, ResponseHeaders, create_app
 from serving.predictor import Predictor, ServedModel, engine_for
 from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
@@ -48,7 +49,7 @@ def make_client(app: Starlette, backend: LocalBackend | None) -> TestClient:
 
 @pytest.fixture
 def client(backend: LocalBackend) -> Iterator[TestClient]:
-    with make_client(create_app(lambda: backend), backend) as test_client:
+    with make_client(create_app(lambda: backend, hooks_factory=EdgeHooks), backend) as test_client:
         yield test_client
 
 
@@ -71,8 +72,9 @@ def test_predict_answers_the_contract(client: TestClient, backend: LocalBackend)
 def test_request_id_is_echoed_when_sane_and_generated_otherwise(client: TestClient) -> None:
     given = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "abc-123"})
     assert given.json()["request_id"] == "abc-123"
-    odd = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "no spaces allowed"})
-    assert odd.json()["request_id"] != "no spaces allowed" and len(odd.json()["request_id"]) == 32
+    for odd in ("no spaces allowed", "x" * 49, "has#hash"):
+        answer = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": odd})
+        assert answer.json()["request_id"] != odd and len(answer.json()["request_id"]) == 32
 
 
 def test_batch_agrees_with_single_predictions(client: TestClient) -> None:
@@ -177,7 +179,7 @@ def test_model_route_reports_the_pinned_version(client: TestClient, backend: Loc
 
 
 def test_no_model_means_503_not_500(backend: LocalBackend) -> None:
-    with make_client(create_app(lambda: None), None) as no_model:
+    with make_client(create_app(lambda: None, hooks_factory=EdgeHooks), None) as no_model:
         assert no_model.post("/api/v1/predict", json=DAY).status_code == 503
         assert no_model.get("/api/v1/model").status_code == 503
         assert no_model.get("/health").json() == {"status": "healthy"}
@@ -211,42 +213,64 @@ def test_health_with_real_postgres_and_redis(client: TestClient, monkeypatch: py
     assert client.get("/health/ready").status_code == 200
 
 
-def test_unreachable_redis_degrades_and_blocks_readiness(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, flood_home: Path
+@pytest.mark.parametrize(("policy", "ready"), [("fail-open", 200), ("fail-closed", 503)])
+def test_unreachable_redis_degrades_and_blocks_readiness_only_when_failing_closed(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, flood_home: Path, policy: str, ready: int
 ) -> None:
     flood_home.mkdir(parents=True)
     from tests.serving.conftest import free_port
 
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("RATE_LIMIT_POLICY", policy)
     get_settings.cache_clear()
     detailed = client.get("/health/detailed").json()
     assert detailed["status"] == "degraded"
     assert detailed["checks"]["redis"]["status"] == "unhealthy"
+    assert detailed["checks"]["redis"]["required"] is (policy == "fail-closed")
     assert detailed["checks"]["model"]["status"] == "healthy"
-    ready = client.get("/health/ready")
-    assert ready.status_code == 503
+    # Failing open, every replica keeps serving without Redis; taking them all out of
+    # rotation would turn a degraded limiter into an outage.
+    assert client.get("/health/ready").status_code == ready
     # Liveness stays cheap and green: a restart would not fix Redis.
     assert client.get("/health").status_code == 200
 
 
-def test_guards_and_listeners_plug_in_without_touching_health(backend: LocalBackend) -> None:
+def test_guards_charges_and_listeners_plug_in_without_touching_health(backend: LocalBackend) -> None:
     seen: list[PredictionRecord] = []
+    charged: list[tuple[str, int]] = []
 
     async def deny_without_key(request: Request) -> Response | None:
         if request.headers.get("X-API-Key") != "k":
             return JSONResponse({"error": "unauthorized"}, status_code=401)
+        request.state.key_id = "fnq_000000000001"
+        return None
+
+    async def charge(request: Request, route: str, rows: int) -> Response | None:
+        charged.append((route, rows))
+        edge_headers(request)["X-RateLimit-Remaining"] = "7"
         return None
 
     async def record(_: Request, records: Sequence[PredictionRecord]) -> None:
         seen.extend(records)
 
-    hooks = EdgeHooks(guards=[deny_without_key], listeners=[record])
+    hooks = EdgeHooks(guards=[deny_without_key], charges=[charge], listeners=[record])
     app = create_app(lambda: backend, hooks_factory=lambda: hooks)
     with make_client(app, backend) as guarded:
         assert guarded.post("/api/v1/predict", json=DAY).status_code == 401
         assert guarded.get("/api/v1/model").status_code == 401
         assert guarded.get("/health").status_code == 200
-        ok = guarded.post("/api/v1/predict", json=DAY, headers={"X-API-Key": "k"})
-        assert ok.status_code == 200
-    assert len(seen) == 1
-    assert seen[0].observation == DAY and seen[0].request_id == ok.json()["request_id"]
+        assert charged == []
+        key = {"X-API-Key": "k"}
+        ok = guarded.post("/api/v1/predict", json=DAY, headers=key)
+        assert ok.status_code == 200 and ok.headers["X-RateLimit-Remaining"] == "7"
+        batch = guarded.post(
+            "/api/v1/predict/batch", json={"observations": [DAY, DAY]}, headers={**key, "X-Request-ID": "b1"}
+        )
+        assert batch.status_code == 200
+    assert charged == [("predict", 1), ("predict_batch", 2)]
+    assert [r.request_id for r in seen] == [ok.json()["request_id"], "b1#0", "b1#1"]
+    first = seen[0]
+    assert first.inputs == DAY and first.key_id == "fnq_000000000001"
+    assert first.probability == ok.json()["probability"] and first.risk_level == ok.json()["risk_level"]
+    assert first.model_version == str(backend.served.version) and first.bento_tag == backend.bento_tag
+    assert first.latency_ms > 0

@@ -23,7 +23,7 @@ def metric_total(text: str, name: str) -> float:
 
 def test_every_route_answers_with_the_pinned_model(server: Server, built_home: BuiltHome) -> None:
     version = max(built_home.bentos)
-    with httpx.Client(base_url=server.url, timeout=10) as client:
+    with httpx.Client(base_url=server.url, timeout=10, headers=built_home.auth) as client:
         predict = client.post("/api/v1/predict", json=DAY)
         assert predict.status_code == 200
         body = predict.json()
@@ -41,6 +41,8 @@ def test_every_route_answers_with_the_pinned_model(server: Server, built_home: B
         detailed = client.get("/health/detailed").json()
         assert detailed["status"] == "healthy", detailed
         assert set(detailed["checks"]) == {"model", "database", "redis"}
+        assert detailed["operations"]["rate_limiter"]["backend"] == "memory"
+        assert detailed["operations"]["prediction_log"]["status"] == "ok"
         assert client.get("/health/ready").status_code == 200
         for path in ("/livez", "/readyz", "/metrics"):
             response = client.get(path)
@@ -49,8 +51,8 @@ def test_every_route_answers_with_the_pinned_model(server: Server, built_home: B
         assert predict.headers["X-Model-Version"] == str(version)
 
 
-def test_bad_input_is_4xx_over_http(server: Server) -> None:
-    with httpx.Client(base_url=server.url, timeout=10) as client:
+def test_bad_input_is_4xx_over_http(server: Server, built_home: BuiltHome) -> None:
+    with httpx.Client(base_url=server.url, timeout=10, headers=built_home.auth) as client:
         bad_json = client.post("/api/v1/predict", content=b"{", headers={"Content-Type": "application/json"})
         assert bad_json.status_code == 400
         invalid = client.post("/api/v1/predict", json={**DAY, "humidity": 120})
@@ -62,20 +64,22 @@ def test_bad_input_is_4xx_over_http(server: Server) -> None:
         assert too_many.status_code == 413
 
 
-def test_single_and_batch_agree_over_http(server: Server) -> None:
+def test_single_and_batch_agree_over_http(server: Server, built_home: BuiltHome) -> None:
     days = [DAY, {**DAY, "rainfall": 220, "rainfall_3d": 300, "month": 9}, {**DAY, "rainfall": 0}]
-    with httpx.Client(base_url=server.url, timeout=10) as client:
+    with httpx.Client(base_url=server.url, timeout=10, headers=built_home.auth) as client:
         batch = client.post("/api/v1/predict/batch", json={"observations": days}).json()
         singles = [client.post("/api/v1/predict", json=d).json() for d in days]
     assert [p["probability"] for p in batch["predictions"]] == [s["probability"] for s in singles]
     assert [p["risk_level"] for p in batch["predictions"]] == [s["risk_level"] for s in singles]
 
 
-def test_concurrent_burst_has_no_errors_and_is_batched(server: Server) -> None:
+def test_concurrent_burst_has_no_errors_and_is_batched(server: Server, built_home: BuiltHome) -> None:
     before = httpx.get(f"{server.url}/metrics", timeout=10).text
     # 300 requests through one dependency connection: BentoML's default would have
     # recycled the session three times under in-flight calls.
-    report = asyncio.run(post_many(f"{server.url}/api/v1/predict", DAY, requests=300, concurrency=16))
+    report = asyncio.run(
+        post_many(f"{server.url}/api/v1/predict", DAY, requests=300, concurrency=16, headers=built_home.auth)
+    )
     assert report.errors == 0, report.statuses
     after = httpx.get(f"{server.url}/metrics", timeout=10).text
 
@@ -89,3 +93,20 @@ def test_concurrent_burst_has_no_errors_and_is_batched(server: Server) -> None:
     assert delta("flood_adaptive_batch_size_sum") >= 300
     assert delta("flood_predictions_total") >= 300
     assert delta("flood_prediction_latency_seconds_count") >= 300
+
+
+def test_metrics_carry_backups_and_ops_counters(server: Server, built_home: BuiltHome) -> None:
+    from ops.backup import run_backup
+
+    manifest = run_backup(kind="full", settings=built_home.settings)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.post("/api/v1/predict", json=DAY).status_code == 401
+        text = client.get("/metrics").text
+    # Read from the backup catalogue at scrape time, appended to BentoML's own output.
+    stamp = metric_total(text, "flood_backup_last_success_timestamp_seconds")
+    assert stamp == pytest.approx(manifest.created_at.timestamp())
+    assert metric_total(text, "flood_backup_files") >= 1
+    assert 'flood_auth_refusals_total{reason="missing"}' in text
+    # A metric family is described once, or Prometheus rejects the whole scrape.
+    help_lines = re.findall(r"^# HELP (\S+)", text, re.MULTILINE)
+    assert len(help_lines) == len(set(help_lines))
