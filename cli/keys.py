@@ -6,9 +6,18 @@ from datetime import UTC, datetime, timedelta
 
 import typer
 
+from core.settings import get_settings
 from ops.keys import ApiKeyInfo, ApiKeyStore
+from ops.migrations import prepare_database
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.callback()
+def require_schema() -> None:
+    """Keys live in the ops database: the embedded SQLite is migrated on first use, any
+    other database must be at head (the same rule as the service's start)."""
+    prepare_database(get_settings())
 
 
 def _when(value: datetime | None) -> str:

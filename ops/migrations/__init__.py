@@ -3,13 +3,20 @@ from any directory without an alembic.ini."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
+from core.errors import ConfigurationError, DependencyUnavailableError
+from core.settings import Settings
 from ops.database import get_engine
 
 # MLflow keeps its own ``alembic_version`` table; a distinct name lets both share one
@@ -41,3 +48,40 @@ def head_revision() -> str | None:
     config = Config()
     config.set_main_option("script_location", str(_HERE))
     return ScriptDirectory.from_config(config).get_current_head()
+
+
+def prepare_database(settings: Settings) -> None:
+    """The embedded development SQLite is migrated here, so ``make run`` needs no step;
+    any other database must already be at the newest revision (``flood db upgrade``), since
+    a service should not migrate a database it shares with other replicas."""
+    url = settings.effective_database_url
+    if make_url(url).get_backend_name() == "sqlite" and not settings.is_production:
+        with _migration_lock(settings):
+            upgrade_database(url)
+        return
+    try:
+        current = current_revision(url)
+    except SQLAlchemyError as exc:
+        raise DependencyUnavailableError(
+            f"cannot read the ops database schema at DATABASE_URL ({exc.__class__.__name__}); "
+            "is the database up and reachable?"
+        ) from None
+    head = head_revision()
+    if current != head:
+        raise ConfigurationError(
+            f"the ops database schema is at revision {current or '(empty)'}, this code needs {head}; "
+            "run `flood db upgrade` against DATABASE_URL, then start the service again"
+        )
+
+
+@contextlib.contextmanager
+def _migration_lock(settings: Settings) -> Iterator[None]:
+    """Serialises migrations of one FLOOD_HOME across processes started at the same time."""
+    path = settings.flood_home.resolve() / "migrate.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

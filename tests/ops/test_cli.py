@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from core.errors import AuthenticationError
+from core.settings import get_settings
 from ops.keys import ApiKeyStore
 
 KEY_RE = re.compile(r"^fnq_[0-9a-f]{12}_\S{43}$", re.MULTILINE)
@@ -49,3 +51,18 @@ def test_key_errors_exit_non_zero() -> None:
     result = CliRunner().invoke(app, ["keys", "create", "--name", "x", "--tier", "gold"])
     assert result.exit_code != 0
     assert "unknown tier" in str(result.exception)
+
+
+def test_keys_work_on_a_fresh_embedded_database() -> None:
+    # `make run` creates its development key before any `flood db upgrade`.
+    created = invoke("keys", "create", "--name", "local", "--tier", "pro")
+    assert len(KEY_RE.findall(created)) == 1
+
+
+def test_keys_refuse_a_database_behind_head(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FLOOD_ENV", "production")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["keys", "list"])
+    assert result.exit_code != 0
+    assert "flood db upgrade" in str(result.exception)

@@ -19,7 +19,7 @@ from ops.migrations import current_revision, head_revision
 from ops.signing import verify_model_dir
 from serving.bentos import import_registry_version
 from serving.model_store import read_model
-from serving.startup import prepare_database
+from ops.migrations import prepare_database
 from tests.conftest import POSTGRES_URL, require_service
 from tests.serving.conftest import BuiltHome, free_port
 
