@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     # Most observations one POST /api/v1/predict/batch may carry; more is answered with 413.
     predict_batch_max: int = Field(default=256, ge=1, le=10_000)
+    # Adaptive batching in the model service; off only to measure what it buys (benchmarks/).
+    serving_batching: bool = True
 
     # Celery: broker and result backend default to REDIS_URL, then to a local Redis, so a
     # developer's `celery -A ops.tasks worker` needs no configuration.

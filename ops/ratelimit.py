@@ -1,7 +1,11 @@
 """Per-key rate limits by tier, shared by every process and replica through Redis.
 
-Moving-window limits from the ``limits`` library: its Redis storage runs each acquisition
-as one Lua script, so concurrent workers cannot both take the last slot. Without REDIS_URL
+Sliding-window-counter limits from the ``limits`` library: its Redis storage runs each
+acquisition as one Lua script, so concurrent workers cannot both take the last slot. The
+moving window was measured first and dropped: it stores one Redis entry per unit of cost,
+so a 256-row batch wrote 256 entries and high limits made every check scan long lists
+(batch requests stalled for seconds in the benchmark); the counter is O(1) per hit and
+weights the previous window, close to a moving window without its cost. Without REDIS_URL
 (the embedded default) the limiter is in-process, which is exact for one worker and
 per-worker otherwise.
 
@@ -23,7 +27,7 @@ from typing import Any
 from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
 from limits.storage import MemoryStorage, RedisStorage
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import SlidingWindowCounterRateLimiter
 
 from core.errors import ConfigurationError, DependencyUnavailableError
 from core.settings import Settings, get_settings
@@ -93,8 +97,8 @@ class RateLimiter:
         self._policy = policy or self._settings.rate_limit_policy
         url = redis_url if redis_url is not None else self._settings.redis_url
         self.backend = "redis" if url else "memory"
-        self._memory = MovingWindowRateLimiter(MemoryStorage())
-        self._redis: MovingWindowRateLimiter | None = None
+        self._memory = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._redis: SlidingWindowCounterRateLimiter | None = None
         if url:
             storage = RedisStorage(
                 url,
@@ -103,7 +107,7 @@ class RateLimiter:
                 socket_timeout=_REDIS_TIMEOUT_S,
                 socket_connect_timeout=_REDIS_TIMEOUT_S,
             )
-            self._redis = MovingWindowRateLimiter(storage)
+            self._redis = SlidingWindowCounterRateLimiter(storage)
         self._lock = threading.Lock()
         self._redis_down_until = 0.0
         self._redis_retry_s = redis_retry_seconds
@@ -157,7 +161,7 @@ class RateLimiter:
 
     @staticmethod
     def _decide(
-        limiter: MovingWindowRateLimiter, items: list[RateLimitItem], identity: str, cost: int
+        limiter: SlidingWindowCounterRateLimiter, items: list[RateLimitItem], identity: str, cost: int
     ) -> RateLimitDecision:
         # Shortest window first and stop at the first refusal: a client hammering a spent
         # per-minute limit must not also drain its hourly allowance with refused requests.

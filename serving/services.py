@@ -22,6 +22,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from core.errors import FloodError
+from core.settings import get_settings
 from ops.signing import check_model_at_start
 from serving.bentos import GRACEFUL_SHUTDOWN_S, pinned_model_tag
 from serving.hooks import EdgeHooks
@@ -75,7 +76,12 @@ class FloodRiskModel:
         logger.info("loaded %s (%s)", self.served.bento_model_tag, engine_for(Path(stored.path)))
         outlive_callers(API_SERVICE_NAME, max_wait_s=MODEL_OUTLIVES_API_S)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    # BentoML reads the API's shape when the class is declared, so the switch is read here.
+    @bentoml.api(
+        batchable=get_settings().serving_batching,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_latency_ms=MAX_LATENCY_MS,
+    )
     def predict(self, raw: np.ndarray) -> np.ndarray:
         get_metrics().batch_size.observe(len(raw))
         return self.predictor.predict_proba(raw)

@@ -15,11 +15,10 @@ from sqlalchemy.engine import make_url
 from core.errors import ConfigurationError, DependencyUnavailableError, ModelIntegrityError
 from core.settings import get_settings
 from ops.database import dispose_engines
-from ops.migrations import current_revision, head_revision
+from ops.migrations import current_revision, head_revision, prepare_database
 from ops.signing import verify_model_dir
 from serving.bentos import import_registry_version
 from serving.model_store import read_model
-from ops.migrations import prepare_database
 from tests.conftest import POSTGRES_URL, require_service
 from tests.serving.conftest import BuiltHome, free_port
 
