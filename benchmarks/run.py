@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -45,6 +44,7 @@ from benchmarks.report import compute_ratios, judge_goals, plot_results, render_
 from benchmarks.servers import PeerError, PeerSpec, RunningPeer, check_answers, start_peer, stop_peer
 from core.observation import FIELD_NAMES
 from core.settings import Settings, get_settings
+from ops.database import scratch_postgres_database
 
 logger = logging.getLogger("benchmarks")
 
@@ -172,24 +172,6 @@ def wrk_version() -> str:
     return (done.stdout or done.stderr).split("Copyright")[0].strip()
 
 
-@contextlib.contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    url = make_url(admin_url)
-    name = f"flood_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def count_logged(database_url: str) -> int:
     from sqlalchemy import text
 
@@ -296,7 +278,7 @@ def run_benchmark(config: BenchConfig) -> Path:
     }
     running: RunningPeer | None = None
     try:
-        with fresh_database(config.postgres_url) as database_url:
+        with scratch_postgres_database(config.postgres_url, prefix="flood_bench") as database_url:
             env = stack_environment(config, home=home, database_url=database_url, secret=uuid.uuid4().hex * 2)
             os.environ.update(env)
             get_settings.cache_clear()

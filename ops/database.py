@@ -7,11 +7,14 @@ workers can start clean.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -78,3 +81,22 @@ def dispose_engines() -> None:
         _engines.clear()
     for engine in engines:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def scratch_postgres_database(admin_url: str, *, prefix: str) -> Iterator[str]:
+    """URL of a new, empty database on ``admin_url``'s server, dropped afterwards even with
+    connections still open (MLflow and cached engines keep pools for a process's life)."""
+    url = make_url(admin_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,23 +41,15 @@ def require_service(name: str, host: str, port: int) -> None:
 
 @contextlib.contextmanager
 def fresh_postgres_database(prefix: str) -> Iterator[str]:
-    """URL of a new, empty database on the test server, dropped (connections and all) afterwards."""
-    from sqlalchemy import create_engine, text
+    """URL of a new, empty database on the test server, dropped afterwards."""
     from sqlalchemy.engine import make_url
+
+    from ops.database import scratch_postgres_database
 
     url = make_url(POSTGRES_URL)
     require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            # FORCE: MLflow and the ops engines keep pooled connections for the process's life.
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_postgres_database(POSTGRES_URL, prefix=prefix) as database_url:
+        yield database_url
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 
 from core.settings import Settings
@@ -37,7 +37,7 @@ from ops.signing import SIGNATURE_FILE
 from ops.tables import PredictionLogRow
 from serving.bentos import BentoSummary, find_bento, serve_argv
 from serving.model_store import read_model, sign_imported_model
-from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
+from tests.conftest import REDIS_URL, fresh_postgres_database, require_service
 from tests.ops.conftest import postgres_database  # noqa: F401 - a fixture, used by name
 from tests.ops.proxy import FaultyProxy
 from tests.serving.conftest import (
@@ -482,18 +482,7 @@ def test_production_refuses_unsafe_settings(built_home: BuiltHome) -> None:
 
 
 def test_a_database_behind_the_schema_is_refused(built_home: BuiltHome) -> None:
-    url = make_url(POSTGRES_URL)
-    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
-    name = f"flood_empty_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        empty = url.set(database=name).render_as_string(hide_password=False)
+    with fresh_postgres_database("flood_empty") as empty:
         bento = built_home.bentos[max(built_home.bentos)]
         stderr = expect_refusal(bento, built_home.settings, {"DATABASE_URL": empty})
         assert "flood db upgrade" in stderr
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from core.errors import ConfigurationError, DependencyUnavailableError, ModelIntegrityError
 from core.settings import get_settings
@@ -19,7 +16,7 @@ from ops.migrations import current_revision, head_revision, prepare_database
 from ops.signing import verify_model_dir
 from serving.bentos import import_registry_version
 from serving.model_store import read_model
-from tests.conftest import POSTGRES_URL, require_service
+from tests.conftest import fresh_postgres_database
 from tests.serving.conftest import BuiltHome, free_port
 
 SIGNING_KEY = "model-signing-key-for-startup-tests-0123456789"
@@ -52,25 +49,16 @@ def test_development_sqlite_is_migrated_at_start_even_by_racing_workers(flood_ho
 
 @pytest.mark.postgres
 def test_another_database_must_already_be_at_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    url = make_url(POSTGRES_URL)
-    require_service("PostgreSQL", url.host or "127.0.0.1", url.port or 5432)
-    name = f"flood_empty_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        empty = url.set(database=name).render_as_string(hide_password=False)
-        monkeypatch.setenv("DATABASE_URL", empty)
-        get_settings.cache_clear()
-        with pytest.raises(ConfigurationError, match="flood db upgrade"):
-            prepare_database(get_settings())
-        # Refused, not migrated: a service does not migrate a shared database.
-        assert current_revision(empty) is None
-    finally:
-        dispose_engines()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("flood_empty") as empty:
+        try:
+            monkeypatch.setenv("DATABASE_URL", empty)
+            get_settings.cache_clear()
+            with pytest.raises(ConfigurationError, match="flood db upgrade"):
+                prepare_database(get_settings())
+            # Refused, not migrated: a service does not migrate a shared database.
+            assert current_revision(empty) is None
+        finally:
+            dispose_engines()
 
 
 def test_an_unreachable_database_is_named_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
