@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 3000
 DEV_KEY := $(or $(FLOOD_HOME),.flood)/dev-api-key
 
-.PHONY: run train build key serve test lint clean bench bench-smoke
+.PHONY: run train build key serve test lint clean bench bench-smoke soak
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=...)"; exit 1; }
@@ -51,6 +51,10 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m benchmarks.run --smoke $(BENCH_ARGS)
+
+## soak: 10 minutes of moderate load on a served Bento (PostgreSQL, Redis), RSS sampled
+soak: $(STAMP)
+	$(BIN)/python -m tests.reliability.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf .flood .pytest_cache .mypy_cache .ruff_cache

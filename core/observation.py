@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,14 @@ class Observation(BaseModel):
     rainfall_7d: float | None = _field("rainfall_7d")  # type: ignore[assignment]
     wind_speed: float | None = _field("wind_speed")  # type: ignore[assignment]
     month: int | None = _field("month")  # type: ignore[assignment]
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object) -> object:
+        # Lax parsing would read true as 1 (a temperature of 1 °C); a boolean is never a reading.
+        if isinstance(value, bool):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
     @model_validator(mode="after")
     def _sums_include_the_day(self) -> Observation:

@@ -45,6 +45,9 @@ _PREFIX_RE = re.compile(rf"^{KEY_SCHEME}_[0-9a-f]{{12}}$")
 _KEY_RE = re.compile(rf"^({KEY_SCHEME}_[0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
 DEV_SECRET_FILE = "dev-secret-key"
 _CACHE_MAX_ENTRIES = 10_000
+# After a failed lookup, keys with a last known state skip the database for this long, so
+# an outage costs one connection attempt per pause instead of one per request.
+_DB_RETRY_AFTER_S = 2.0
 
 
 def resolve_secret_key(settings: Settings | None = None) -> bytes:
@@ -163,6 +166,7 @@ class ApiKeyStore:
         # digest -> (fresh until, usable during an outage until, info); monotonic seconds
         self._cache: dict[str, tuple[float, float, ApiKeyInfo | None]] = {}
         self._cache_lock = threading.Lock()
+        self._db_down_until = 0.0  # monotonic; 0 means the database is believed up
 
     # -- management -------------------------------------------------------------------
 
@@ -250,12 +254,17 @@ class ApiKeyStore:
             return cached
         assert raw_key  # verify_cached_key refused a missing key
         digest = hash_key(raw_key, self._secret)
+        last_known = self._cache.get(digest)
+        usable = last_known is not None and last_known[1] > time.monotonic()
+        if usable and self._db_down_until > time.monotonic():
+            assert last_known is not None
+            return self._accept(last_known[2])
         try:
             info = self._load_info(raw_key, digest)
         except DependencyUnavailableError:
-            last_known = self._cache.get(digest)
-            if last_known is None or last_known[1] <= time.monotonic():
+            if not usable:
                 raise
+            assert last_known is not None
             # Revocations made during the outage cannot be seen anyway; expiry still is,
             # since _accept judges the remembered info against the current time.
             return self._accept(last_known[2])
@@ -285,25 +294,29 @@ class ApiKeyStore:
         return info
 
     def _load_info(self, raw_key: str, digest: str) -> ApiKeyInfo | None:
+        info: ApiKeyInfo | None
         match = _KEY_RE.match(raw_key)
         if match is None:
             return None
         try:
             with self._sessions() as session:
                 row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
-                if row is None:
-                    return None
                 # Constant-time: timing must not tell how much of a guessed hash matched.
-                if not hmac.compare_digest(row.key_hash, digest):
-                    return None
-                return ApiKeyInfo.from_row(row)
+                matched = row is not None and hmac.compare_digest(row.key_hash, digest)
+                info = ApiKeyInfo.from_row(row) if row is not None and matched else None
         except SQLAlchemyError as exc:
             # A database outage must not turn every request into a 500 with a stack trace;
             # verify_key falls back to the last known state of keys it has seen.
-            logger.error("API key lookup failed: %s", exc.__class__.__name__)
+            if not self._db_down_until:
+                logger.error("API key lookup failed: %s; using last known key states", exc.__class__.__name__)
+            self._db_down_until = time.monotonic() + _DB_RETRY_AFTER_S
             raise DependencyUnavailableError(
                 "API keys cannot be checked right now (database unreachable)"
             ) from None
+        if self._db_down_until:
+            self._db_down_until = 0.0
+            logger.warning("API key lookups reach the database again")
+        return info
 
     def _remember(self, digest: str, info: ApiKeyInfo | None, now_mono: float) -> None:
         if self._cache_seconds <= 0:

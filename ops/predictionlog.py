@@ -7,6 +7,11 @@ journal is replayed once the database answers again. Inserts use ON CONFLICT DO 
 the unique request_id, so a replay of rows that did land (a commit whose acknowledgement was
 lost) cannot duplicate them. ``close()`` drains the queue; what the database will not take
 stays in the journal, and the next process on this host replays journals whose writer died.
+
+A journal that cannot be written (directory missing or not a directory, disk full) never
+stops the service: it is reported in ``health()`` with the reason, and rows the database
+will not take meanwhile are held in memory (up to a bound, then counted as dropped) until
+either the database or the journal takes them.
 """
 
 from __future__ import annotations
@@ -127,9 +132,12 @@ class PredictionLog:
         self._journal_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._next_retry = 0.0  # monotonic; 0 means the database is believed up
+        self._held: list[PredictionRecord] = []  # neither the database nor the journal took them
         self.rows_inserted = 0
         self.rows_journaled = 0
+        self.rows_dropped = 0
         self.last_error: str | None = None
+        self.journal_error: str | None = None
 
     # -- request path -----------------------------------------------------------------
 
@@ -146,7 +154,7 @@ class PredictionLog:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._journal_dir.mkdir(parents=True, exist_ok=True)
+        self._probe_journal()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
 
@@ -169,14 +177,20 @@ class PredictionLog:
         self._thread = None
 
     def health(self) -> dict[str, Any]:
-        pending = self.journal_path.is_file() and self.journal_path.stat().st_size > 0
+        if self.journal_error is not None:
+            self._probe_journal()  # so freed space or a fixed mount shows without an outage
+        pending = self._journal_pending()
+        degraded = self._next_retry or pending or self.journal_error or self._held
         return {
-            "status": "degraded" if self._next_retry or pending else "ok",
+            "status": "degraded" if degraded else "ok",
             "queued": self._queue.qsize(),
             "journal_pending": pending,
             "rows_inserted": self.rows_inserted,
             "rows_journaled": self.rows_journaled,
+            "rows_held": len(self._held),
+            "rows_dropped": self.rows_dropped,
             "last_error": self.last_error if self._next_retry else None,
+            "journal_error": self.journal_error,
         }
 
     # -- writer thread ----------------------------------------------------------------
@@ -187,12 +201,21 @@ class PredictionLog:
         stopping = False
         while not stopping:
             batch, markers, stopping = self._take_batch()
+            if self._held:
+                with self._journal_lock:
+                    held, self._held = self._held, []
+                batch = [*held, *batch]
             if batch:
                 self._write(batch)
             if stopping or (self._next_retry and time.monotonic() >= self._next_retry):
                 self._replay_journal()
             for marker in markers:
                 marker.done.set()
+        if self._held:
+            logger.error(
+                "prediction log stopped with %d rows neither the database nor the journal took: lost",
+                len(self._held),
+            )
 
     def _take_batch(self) -> tuple[list[PredictionRecord], list[_FlushMarker], bool]:
         batch: list[PredictionRecord] = []
@@ -272,11 +295,61 @@ class PredictionLog:
             logger.error("prediction log database unreachable, journaling (%s)", self.last_error)
 
     def _journal_pending(self) -> bool:
-        return self.journal_path.is_file() and self.journal_path.stat().st_size > 0
+        try:
+            return self.journal_path.stat().st_size > 0
+        except OSError:  # no journal, or its directory is not one
+            return False
+
+    def _probe_journal(self) -> None:
+        """Find out at start, not during an outage, whether the journal can be written."""
+        probe = self._journal_dir / f".probe-{self._host}-{os.getpid()}"
+        try:
+            self._journal_dir.mkdir(parents=True, exist_ok=True)
+            self._append_lines(probe, ["{}"])
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            self._note_journal_failure(exc)
+            return
+        if self.journal_error is not None:
+            logger.warning("prediction journal %s writable again", self._journal_dir)
+            self.journal_error = None
 
     def _append_journal(self, records: list[PredictionRecord]) -> None:
-        self._append_lines(self.journal_path, [record.to_json() for record in records])
+        try:
+            self._append_lines(self.journal_path, [record.to_json() for record in records])
+        except OSError as exc:
+            self._note_journal_failure(exc)
+            self._hold(records)
+            return
+        if self.journal_error is not None:
+            logger.warning("prediction journal %s writable again", self._journal_dir)
+            self.journal_error = None
         self.rows_journaled += len(records)
+
+    def _note_journal_failure(self, exc: OSError) -> None:
+        first = self.journal_error is None
+        reason = exc.strerror or exc.__class__.__name__
+        self.journal_error = f"journal directory {self._journal_dir} cannot be written: {reason}"
+        if first:
+            logger.error(
+                "%s; predictions are still logged to the database, but rows it cannot take are "
+                "only held in memory (at most %d)",
+                self.journal_error,
+                _QUEUE_MAX,
+            )
+
+    def _hold(self, records: list[PredictionRecord]) -> None:
+        # Called from the writer thread, and from record() when the queue is full.
+        with self._journal_lock:
+            self._held.extend(records)
+            overflow = len(self._held) - _QUEUE_MAX
+            if overflow > 0:
+                del self._held[:overflow]
+                self.rows_dropped += overflow
+        if overflow > 0:
+            logger.error("prediction log dropped %d rows: database and journal both unavailable", overflow)
 
     def _append_lines(self, path: Path, lines: list[str]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

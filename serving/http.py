@@ -1,9 +1,10 @@
 """The HTTP edge: routes, input validation, error shapes, response headers.
 
 Status codes are chosen here (and, for API keys and rate limits, in ``serving.operations``).
-Bad input is always a 4xx with a field-level reason: malformed JSON 400, a batch over the
-limit 413, invalid fields 422. A model that is not loaded yet, or a batcher shedding load,
-is a 503 the client may retry.
+Bad input is always a 4xx with a field-level reason: malformed or too deeply nested JSON
+400, a body or batch over the limit 413, invalid fields 422. A model that is not loaded
+yet, or a batcher shedding load, is a 503 the client may retry. Browsers may call the API
+only from the origins in CORS_ORIGINS.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Protocol, cast
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -33,8 +36,10 @@ from ops.predictionlog import PredictionRecord
 from serving.health import CheckResult, check_dependencies, overall_status
 from serving.hooks import EdgeHooks, edge_headers
 from serving.metrics import get_metrics
+from serving.openapi import openapi_document
 from serving.predictor import ServedModel
 from serving.schemas import (
+    REQUEST_ID_PATTERN,
     BatchPrediction,
     ModelInfoOut,
     ModelRef,
@@ -47,15 +52,23 @@ logger = logging.getLogger(__name__)
 
 MODEL_VERSION_HEADER = "X-Model-Version"
 REQUEST_ID_HEADER = "X-Request-ID"
-# 48, not 64: batch rows are logged as "<request id>#<row>", and the log's column holds 64.
-# '#' cannot occur in a request id, so a row id never collides with a request id.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,48}$")
+OPENAPI_PATH = "/api/v1/openapi.json"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _OBSERVATIONS = TypeAdapter(list[Observation])
 _PROBE_ROW = np.array([[28.0, 85.0, 50.0] + [math.nan] * (len(FIELD_NAMES) - 3)])
+# The largest body read is a full batch at 1 KiB per observation (a pretty-printed one with
+# every field is about 300 bytes), so PREDICT_BATCH_MAX sets both limits.
+_BODY_BYTES_PER_OBSERVATION = 1024
+_BODY_BYTES_OVERHEAD = 4096
+API_KEY_HEADER = "X-API-Key"
 
 
 class Overloaded(Exception):
     """The model's batcher shed this request to keep latency within its deadline."""
+
+
+class ModelUnavailable(Exception):
+    """The model service dropped the call (its worker died and is being restarted)."""
 
 
 class ModelBackend(Protocol):
@@ -71,7 +84,8 @@ class ModelBackend(Protocol):
     def engine(self) -> str: ...
 
     async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
-        """P(flood) per raw row; raises ``Overloaded`` when load is shed."""
+        """P(flood) per raw row; raises ``Overloaded`` when load is shed and
+        ``ModelUnavailable`` when the model service cannot be reached."""
         ...
 
 
@@ -104,6 +118,35 @@ def _validation_response(exc: ValidationError) -> JSONResponse:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def body_limit_bytes() -> int:
+    """The largest request body the API reads; larger ones are answered 413 unread."""
+    return _BODY_BYTES_OVERHEAD + get_settings().predict_batch_max * _BODY_BYTES_PER_OBSERVATION
+
+
+class BodyTooLarge(Exception):
+    """The request body is over :func:`body_limit_bytes`."""
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, read no further than :func:`body_limit_bytes` (Content-Length is only a hint)."""
+    limit = body_limit_bytes()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> JSONResponse:
+    return _error(413, f"request body over {body_limit_bytes()} bytes")
 
 
 def _request_id(request: Request) -> str:
@@ -153,6 +196,10 @@ class Edge:
             response = _error(503, "overloaded, retry shortly")
             response.headers["Retry-After"] = "1"
             return response
+        except ModelUnavailable:
+            response = _error(503, "model service unavailable, retry shortly")
+            response.headers["Retry-After"] = "1"
+            return response
         metrics = get_metrics()
         metrics.prediction_latency.labels(route=route).observe(time.perf_counter() - start)
         request_id = request.state.request_id
@@ -195,7 +242,9 @@ class Edge:
         if (refused := await self._charge(request, hooks, route="predict", rows=1)) is not None:
             return refused
         try:
-            observation = Observation.model_validate_json(await request.body())
+            observation = Observation.model_validate_json(await read_body(request))
+        except BodyTooLarge:
+            return _too_large()
         except ValidationError as exc:
             return _validation_response(exc)
         result = await self._predict(request, hooks, [observation], route="predict")
@@ -209,7 +258,11 @@ class Edge:
         if (refused := await self._guard(request, hooks)) is not None:
             return refused
         try:
-            body = json.loads(await request.body(), parse_constant=_reject_constant)
+            body = json.loads(await read_body(request), parse_constant=_reject_constant)
+        except BodyTooLarge:
+            return _too_large()
+        except RecursionError:
+            return _error(400, "malformed JSON", ["nested too deeply"])
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(400, "malformed JSON", [str(exc)])
         if not isinstance(body, dict) or set(body) != {"observations"}:
@@ -267,6 +320,9 @@ class Edge:
 
     async def health(self, _: Request) -> Response:
         return JSONResponse({"status": "healthy"})
+
+    async def openapi(self, _: Request) -> Response:
+        return JSONResponse(openapi_document(get_settings()))
 
     async def _checks(self) -> list[CheckResult]:
         backend = self._get_backend()
@@ -350,8 +406,42 @@ def create_app(get_backend: BackendGetter, *, hooks_factory: Callable[[], EdgeHo
         Route("/health", edge.health, methods=["GET"]),
         Route("/health/detailed", edge.health_detailed, methods=["GET"]),
         Route("/health/ready", edge.health_ready, methods=["GET"]),
+        Route(OPENAPI_PATH, edge.openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(CorsFromSettings)])
+
+
+class CorsFromSettings:
+    """CORS for the origins in CORS_ORIGINS, none by default (no CORS headers: browsers then
+    refuse cross-origin calls). Built on the first request, so settings are read in the
+    worker rather than when the service module is imported."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._handler: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._handler is None:
+            origins = get_settings().cors_origins
+            self._handler = (
+                CORSMiddleware(
+                    self.app,
+                    allow_origins=origins,
+                    allow_methods=["GET", "POST"],
+                    allow_headers=[API_KEY_HEADER, "Authorization", "Content-Type", REQUEST_ID_HEADER],
+                    expose_headers=[
+                        MODEL_VERSION_HEADER,
+                        "X-RateLimit-Limit",
+                        "X-RateLimit-Remaining",
+                        "X-RateLimit-Reset",
+                        "Retry-After",
+                    ],
+                    max_age=600,
+                )
+                if origins
+                else self.app
+            )
+        await self._handler(scope, receive, send)
 
 
 class ResponseHeaders:

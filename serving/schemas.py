@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.observation import Observation
+
 RiskLevel = Literal["Safe", "Alert", "Critical"]
+# 48, not 64: batch rows are logged as "<request id>#<row>", and the log's column holds 64.
+# '#' cannot occur in a request id, so a row id never collides with a request id.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,48}$"
+
+
+class BatchRequest(BaseModel):
+    """The body of ``POST /api/v1/predict/batch``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    observations: list[Observation]
 
 
 class ModelRef(BaseModel):
@@ -49,3 +62,11 @@ class ModelInfoOut(BaseModel):
     engine: str
     thresholds: ThresholdsOut
     metrics: dict[str, float]
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx body the API itself sends."""
+
+    error: str
+    reason: str | None = None
+    detail: Any = None

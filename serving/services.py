@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
@@ -25,8 +26,9 @@ from core.errors import FloodError
 from core.settings import get_settings
 from ops.signing import check_model_at_start
 from serving.bentos import GRACEFUL_SHUTDOWN_S, pinned_model_tag
+from serving.hardening import bound_request_metric_labels, escape_access_log
 from serving.hooks import EdgeHooks
-from serving.http import Overloaded, ResponseHeaders, create_app
+from serving.http import ModelUnavailable, Overloaded, ResponseHeaders, create_app
 from serving.metrics import get_metrics, scrape_time_metrics
 from serving.model_store import served_model_of
 from serving.operations import EdgeOperations
@@ -67,6 +69,7 @@ class FloodRiskModel:
     bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        escape_access_log()
         stored = self.bento_model
         self.served = served_model_of(stored)
         check_model_at_start(Path(stored.path))
@@ -101,6 +104,9 @@ def _current_hooks() -> EdgeHooks:
 
 
 edge_app = create_app(_current_backend, hooks_factory=_current_hooks)
+# Part of defining the service, like the decorators below: BentoML builds each worker's
+# middleware after loading this module.
+bound_request_metric_labels(route.path for route in edge_app.routes if hasattr(route, "path"))
 
 
 @bentoml.asgi_app(edge_app, path="/")
@@ -123,6 +129,7 @@ class FloodRiskAPI:
             sys.exit(f"error: {API_SERVICE_NAME} not started: {exc}")
 
     def __init__(self) -> None:
+        escape_access_log()
         stored = self.bento_model
         self._served = served_model_of(stored)
         self._engine = engine_for(Path(stored.path))
@@ -162,6 +169,11 @@ class FloodRiskAPI:
             return np.asarray(await self.model.to_async.predict(raw), dtype=np.float64)
         except ServiceUnavailable as exc:
             raise Overloaded(str(exc)) from exc
+        except aiohttp.ClientError as exc:
+            # A call in flight when the model worker died (the arbiter restarts it; calls
+            # made meanwhile wait for it). Retrying is the client's choice: 503.
+            logger.warning("model service call failed: %s", exc)
+            raise ModelUnavailable(str(exc)) from exc
 
 
 # The decorated class is a bentoml Service; type checkers still see the plain class.
