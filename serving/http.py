@@ -25,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 MODEL_VERSION_HEADER = "X-Model-Version"
 REQUEST_ID_HEADER = "X-Request-ID"
 OPENAPI_PATH = "/api/v1/openapi.json"
+# nginx's code for "client closed request"; only the access log ever sees it.
+CLIENT_CLOSED_REQUEST = 499
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _OBSERVATIONS = TypeAdapter(list[Observation])
 _PROBE_ROW = np.array([[28.0, 85.0, 50.0] + [math.nan] * (len(FIELD_NAMES) - 3)])
@@ -408,7 +410,18 @@ def create_app(get_backend: BackendGetter, *, hooks_factory: Callable[[], EdgeHo
         Route("/health/ready", edge.health_ready, methods=["GET"]),
         Route(OPENAPI_PATH, edge.openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(CorsFromSettings)])
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(CorsFromSettings)],
+        exception_handlers={ClientDisconnect: _client_gone},
+    )
+
+
+async def _client_gone(request: Request, _: Exception) -> Response:
+    # The client hung up while its body was being read: nobody will read this answer, and
+    # a traceback per disconnect (load generators close mid-request) would bury real errors.
+    logger.debug("client disconnected before its request was read: %s", request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 class CorsFromSettings:

@@ -274,3 +274,34 @@ def test_guards_charges_and_listeners_plug_in_without_touching_health(backend: L
     assert first.probability == ok.json()["probability"] and first.risk_level == ok.json()["risk_level"]
     assert first.model_version == str(backend.served.version) and first.bento_tag == backend.bento_tag
     assert first.latency_ms > 0
+
+
+def test_a_client_that_hangs_up_mid_body_gets_no_traceback(
+    backend: LocalBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    app = create_app(lambda: backend, hooks_factory=EdgeHooks)
+    sent: list[dict[str, object]] = []
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/api/v1/predict",
+        "raw_path": b"/api/v1/predict",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 3000),
+        "scheme": "http",
+    }
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
