@@ -10,9 +10,7 @@ rewritten for a test, so a config that Prometheus would refuse fails here first.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -198,13 +196,7 @@ def scraped(
         )
         yield Scraped(server=server, settings=settings, api_key=api_key, prometheus_url=url)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_server(process, grace_s=20)
 
 
 def wait_for(

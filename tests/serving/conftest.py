@@ -8,6 +8,7 @@ traffic) for tests that are not about keys or limits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -167,25 +168,32 @@ def start_server(
     raise RuntimeError(f"bentoml serve not ready in {SERVE_START_TIMEOUT_S}s: {log.read_text()[-3000:]}")
 
 
-def stop_server(process: subprocess.Popen[bytes]) -> int:
+def stop_server(process: subprocess.Popen[bytes], *, grace_s: float = 40) -> int:
     """SIGTERM (graceful), then SIGKILL to the whole process group if it lingers."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=40)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
     return process.returncode
 
 
-@pytest.fixture(scope="module")
-def server(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The newest Bento (pinned to the newest registry version), served over real HTTP."""
-    newest = max(built_home.bentos)
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    started = start_server(built_home.bentos[newest], settings=built_home.settings, log=log)
+@contextlib.contextmanager
+def serving(built_home: BuiltHome, version: int, log_dir: Path) -> Iterator[Server]:
+    """The Bento pinned to registry ``version``, served over real HTTP until the block ends."""
+    started = start_server(
+        built_home.bentos[version], settings=built_home.settings, log=log_dir / "serve.log"
+    )
     try:
         yield started
     finally:
         stop_server(started.process)
+
+
+@pytest.fixture(scope="module")
+def server(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The newest Bento (pinned to the newest registry version), served over real HTTP."""
+    with serving(built_home, max(built_home.bentos), tmp_path_factory.mktemp("serve")) as started:
+        yield started

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, func, select
 from ops.tables import PredictionLogRow
 from serving.model_store import read_model
 from serving.predictor import Predictor
-from tests.serving.conftest import BuiltHome, Server, start_server, stop_server
+from tests.serving.conftest import BuiltHome, Server, serving, stop_server
 from tests.serving.load import post_many
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -29,13 +29,8 @@ DAY = {"temperature": 28, "humidity": 85, "rainfall": 120, "month": 8}
 
 @pytest.fixture(scope="module")
 def old_server(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    oldest = min(built_home.bentos)
-    log = tmp_path_factory.mktemp("serve-old") / "serve.log"
-    started = start_server(built_home.bentos[oldest], settings=built_home.settings, log=log)
-    try:
+    with serving(built_home, min(built_home.bentos), tmp_path_factory.mktemp("serve-old")) as started:
         yield started
-    finally:
-        stop_server(started.process)
 
 
 def test_older_bento_serves_the_older_version(old_server: Server, built_home: BuiltHome) -> None:
