@@ -26,12 +26,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import (
     DBAPIError,
@@ -82,6 +82,41 @@ class _FlushMarker:
 
 
 _STOP = object()
+
+
+_COLUMNS = tuple(field.name for field in fields(PredictionRecord))
+_INPUTS = _COLUMNS.index("inputs")
+_INSERT_VALUES = (
+    f"INSERT INTO {PredictionLogRow.__tablename__} ({', '.join(_COLUMNS)}) VALUES %s "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def _row_values(record: PredictionRecord) -> tuple[Any, ...]:
+    values = [getattr(record, name) for name in _COLUMNS]
+    values[_INPUTS] = json.dumps(values[_INPUTS])  # psycopg2 has no adapter for a plain dict
+    return tuple(values)
+
+
+def _insert_values(connection: Connection, batch: list[PredictionRecord]) -> None:
+    """Multi-row INSERT through psycopg2's ``execute_values``, inside ``connection``'s transaction.
+
+    SQLAlchemy's executemany spent ~160 µs of Python per row here (6,200 rows/s), and the
+    writer thread shares the API worker's GIL, so a few batch requests a second stalled the
+    service; this path measured ~37 µs per row (27,000 rows/s). Driver errors are re-raised
+    as SQLAlchemy's, so the transient/permanent handling stays in one place.
+    """
+    import psycopg2
+    from psycopg2.extras import execute_values
+
+    rows = [_row_values(record) for record in batch]
+    cursor = connection.connection.cursor()
+    try:
+        execute_values(cursor, _INSERT_VALUES, rows, page_size=max(len(rows), 1))
+    except psycopg2.Error as exc:
+        raise DBAPIError.instance(_INSERT_VALUES, None, exc, psycopg2.Error) from exc
+    finally:
+        cursor.close()
 
 
 def _is_transient(exc: SQLAlchemyError) -> bool:
@@ -266,7 +301,10 @@ class PredictionLog:
         )
         try:
             with self._engine.begin() as connection:
-                connection.execute(statement, rows)
+                if self._engine.dialect.name == "postgresql":
+                    _insert_values(connection, batch)
+                else:
+                    connection.execute(statement, rows)
         except SQLAlchemyError as exc:
             if _is_transient(exc):
                 raise
