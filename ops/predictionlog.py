@@ -156,7 +156,11 @@ class PredictionLog:
             raise ConfigurationError(
                 f"DATABASE_URL: the prediction log supports PostgreSQL and SQLite, not {dialect}"
             )
-        self._insert_module: Any = postgresql if dialect == "postgresql" else sqlite
+        insert_module: Any = postgresql if dialect == "postgresql" else sqlite
+        # Idempotent by request id: replaying a journal never duplicates a row.
+        self._statement = insert_module.insert(PredictionLogRow.__table__).on_conflict_do_nothing(
+            index_elements=["request_id"]
+        )
         self._journal_dir = journal_dir or settings.flood_home.resolve() / "journal"
         self._flush_s = (flush_ms or settings.prediction_log_flush_ms) / 1000
         self._batch_rows = batch_rows or settings.prediction_log_batch_rows
@@ -295,29 +299,25 @@ class PredictionLog:
             self._append_journal(batch)
 
     def _insert(self, batch: list[PredictionRecord]) -> None:
-        rows = [dict(record.__dict__) for record in batch]
-        statement = self._insert_module.insert(PredictionLogRow.__table__).on_conflict_do_nothing(
-            index_elements=["request_id"]
-        )
         try:
             with self._engine.begin() as connection:
                 if self._engine.dialect.name == "postgresql":
                     _insert_values(connection, batch)
                 else:
-                    connection.execute(statement, rows)
+                    connection.execute(self._statement, [dict(record.__dict__) for record in batch])
         except SQLAlchemyError as exc:
             if _is_transient(exc):
                 raise
-            self._insert_one_by_one(batch, statement)
+            self._insert_one_by_one(batch)
         self.rows_inserted += len(batch)
 
-    def _insert_one_by_one(self, batch: list[PredictionRecord], statement: Any) -> None:
+    def _insert_one_by_one(self, batch: list[PredictionRecord]) -> None:
         # One malformed row must not wedge the journal forever: it goes to a rejects file
         # for a person to look at, and the rest of the batch lands.
         for record in batch:
             try:
                 with self._engine.begin() as connection:
-                    connection.execute(statement, [dict(record.__dict__)])
+                    connection.execute(self._statement, [dict(record.__dict__)])
             except SQLAlchemyError as exc:
                 if _is_transient(exc):
                     raise
