@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from sqlalchemy import create_engine, func, select
+
+from ops.tables import PredictionLogRow
 
 DAY = {"temperature": 28, "humidity": 85, "rainfall": 50}
 CLIENT_TIMEOUT_S = 35.0  # above the services' 30 s traffic timeout
@@ -80,3 +83,22 @@ def statuses(outcomes: list[Outcome]) -> Counter[int | str]:
 
 def answered_ids(outcomes: list[Outcome]) -> list[str]:
     return [o.request_id for o in outcomes if o.status == 200]
+
+
+def log_counts(database_url: str, request_ids: list[str]) -> dict[str, int]:
+    """How many prediction-log rows each request id has (absent ids: none)."""
+    engine = create_engine(database_url)
+    counts: dict[str, int] = {}
+    try:
+        with engine.connect() as connection:
+            for start in range(0, len(request_ids), 1000):
+                chunk = request_ids[start : start + 1000]
+                query = (
+                    select(PredictionLogRow.request_id, func.count())
+                    .where(PredictionLogRow.request_id.in_(chunk))
+                    .group_by(PredictionLogRow.request_id)
+                )
+                counts.update({row[0]: row[1] for row in connection.execute(query)})
+    finally:
+        engine.dispose()
+    return counts

@@ -30,15 +30,14 @@ from typing import Any
 import httpx
 import psutil
 from pydantic import SecretStr
-from sqlalchemy import create_engine, func, select
 
 from core.settings import Settings, get_settings
 from ops.database import dispose_engines, scratch_postgres_database
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
-from ops.tables import PredictionLogRow
 from serving.bentos import build_bento, find_bento, import_registry_version
 from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.reliability.load import log_counts
 from tests.serving.conftest import TEST_TIERS, start_server, stop_server
 
 DEFAULT_OUTPUT = Path(__file__).with_name(".soak-results.json")
@@ -185,27 +184,6 @@ def summarise_rss(report: SoakReport) -> None:
     )
 
 
-def count_logged(database_url: str, ids: list[str]) -> tuple[int, int]:
-    """(distinct ids found, ids found more than once)."""
-    engine = create_engine(database_url)
-    found = duplicated = 0
-    try:
-        with engine.connect() as connection:
-            for start in range(0, len(ids), 2000):
-                chunk = ids[start : start + 2000]
-                query = (
-                    select(PredictionLogRow.request_id, func.count())
-                    .where(PredictionLogRow.request_id.in_(chunk))
-                    .group_by(PredictionLogRow.request_id)
-                )
-                for _, n in connection.execute(query):
-                    found += 1
-                    duplicated += n > 1
-    finally:
-        engine.dispose()
-    return found, duplicated
-
-
 def soak(*, duration_s: float, warmup_s: float, rps: float, concurrency: int, workdir: Path) -> SoakReport:
     report = SoakReport(duration_s=duration_s, warmup_s=warmup_s, target_rps=rps)
     settings, bento = build_served_home(workdir)
@@ -240,7 +218,9 @@ def soak(*, duration_s: float, warmup_s: float, rps: float, concurrency: int, wo
         finally:
             stop_server(server.process)  # flushes the prediction log
         report.log_rows_expected = len(logged)
-        report.log_rows_found, report.log_rows_duplicated = count_logged(database_url, logged)
+        counts = log_counts(database_url, logged)
+        report.log_rows_found = len(counts)
+        report.log_rows_duplicated = sum(n > 1 for n in counts.values())
         dispose_engines()
     summarise_rss(report)
     return report

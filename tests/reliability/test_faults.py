@@ -30,7 +30,7 @@ from ops.migrations import upgrade_database
 from ops.tables import PredictionLogRow
 from serving.bentos import find_bento
 from tests.reliability.conftest import Figure, record_figure
-from tests.reliability.load import DAY, BackgroundLoad, Outcome, answered_ids, statuses
+from tests.reliability.load import DAY, BackgroundLoad, Outcome, answered_ids, log_counts, statuses
 from tests.reliability.services import PrivatePostgres, PrivateRedis
 from tests.serving.conftest import TEST_TIERS, BuiltHome, Server, start_server, stop_server
 
@@ -113,25 +113,6 @@ def wait_until(condition: Callable[[], bool], *, timeout_s: float, what: str) ->
         if time.monotonic() - start > timeout_s:
             raise AssertionError(f"not within {timeout_s} s: {what}")
         time.sleep(0.1)
-
-
-def log_counts(database_url: str, request_ids: list[str]) -> dict[str, int]:
-    """How many prediction-log rows each request id has (absent ids: none)."""
-    engine = create_engine(database_url)
-    counts: dict[str, int] = {}
-    try:
-        with engine.connect() as connection:
-            for start in range(0, len(request_ids), 1000):
-                chunk = request_ids[start : start + 1000]
-                query = (
-                    select(PredictionLogRow.request_id, func.count())
-                    .where(PredictionLogRow.request_id.in_(chunk))
-                    .group_by(PredictionLogRow.request_id)
-                )
-                counts.update({row[0]: row[1] for row in connection.execute(query)})
-    finally:
-        engine.dispose()
-    return counts
 
 
 def rows_lost(database_url: str, outcomes: list[Outcome], *, timeout_s: float) -> tuple[int, float]:
