@@ -74,8 +74,8 @@ class BenchConfig:
     routes: tuple[str, ...] = ("single", "batch")
     real_trees: int | None = None  # None: the product's default
     stress: ForestSpec = field(default_factory=ForestSpec)
-    api_workers: int = 1
-    model_workers: int = 1
+    api_workers: int | None = None  # None: the product's default (SERVING_API_WORKERS)
+    model_workers: int | None = None
     bento_config: dict[str, Any] = field(default_factory=dict)
     mlflow_workers: int = 2
     ceiling_workers: int = 2
@@ -103,7 +103,8 @@ def batching_switch_available() -> bool:
 
 
 def peer_specs(config: BenchConfig) -> dict[str, PeerSpec]:
-    bento_workers = {"flood_risk": config.api_workers, "flood_risk_model": config.model_workers}
+    chosen = {"flood_risk": config.api_workers, "flood_risk_model": config.model_workers}
+    bento_workers = {name: n for name, n in chosen.items() if n is not None}
     specs = {
         "bento": PeerSpec(
             "bento", "our Bento, full stack, adaptive batching", "/api/v1/predict", "/api/v1/predict/batch",

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     predict_batch_max: int = Field(default=256, ge=1, le=10_000)
     # Adaptive batching in the model service; off only to measure what it buys (benchmarks/).
     serving_batching: bool = True
+    # API workers per `bentoml serve` (each holds its own key cache, limiter client and
+    # prediction-log writer); "cpu_count" is one per core.
+    serving_api_workers: int | Literal["cpu_count"] = "cpu_count"
 
     # Celery: broker and result backend default to REDIS_URL, then to a local Redis, so a
     # developer's `celery -A ops.tasks worker` needs no configuration.

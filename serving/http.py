@@ -16,12 +16,13 @@ import math
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -98,6 +99,12 @@ def observations_to_raw(observations: Sequence[Observation]) -> np.ndarray:
     """Validated observations as a raw matrix in ``FIELD_NAMES`` order, absent -> NaN."""
     rows = [[getattr(o, name) for name in FIELD_NAMES] for o in observations]
     return np.array(rows, dtype=np.float64).reshape(len(rows), len(FIELD_NAMES))
+
+
+def _json(body: BaseModel) -> Response:
+    # pydantic's own serializer: a 256-row batch answer through json.dumps cost more CPU
+    # than the model run.
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _error(status: int, message: str, detail: Any = None) -> JSONResponse:
@@ -206,14 +213,20 @@ class Edge:
         metrics.prediction_latency.labels(route=route).observe(time.perf_counter() - start)
         request_id = request.state.request_id
         ref = ModelRef(name=served.name, version=served.version, bento_tag=backend.bento_tag)
-        predictions = []
-        for p in probabilities:
-            probability = float(p)
-            level = cast(RiskLevel, served.thresholds.risk_level(probability))
-            metrics.predictions.labels(risk_level=level, model_version=str(served.version)).inc()
-            predictions.append(
-                Prediction(probability=probability, risk_level=level, model=ref, request_id=request_id)
+        version = str(served.version)
+        risk_level = served.thresholds.risk_level
+        # Built without re-validation: every value is ours, and a batch answer is 256 rows.
+        predictions = [
+            Prediction.model_construct(
+                probability=float(p),
+                risk_level=cast(RiskLevel, risk_level(float(p))),
+                model=ref,
+                request_id=request_id,
             )
+            for p in probabilities
+        ]
+        for level, count in Counter(p.risk_level for p in predictions).items():
+            metrics.predictions.labels(risk_level=level, model_version=version).inc(count)
         if hooks.listeners:
             now = datetime.now(UTC)
             latency_ms = (time.perf_counter() - request.state.started) * 1000.0
@@ -226,7 +239,7 @@ class Edge:
                     inputs=o.model_dump(exclude_none=True),
                     probability=p.probability,
                     risk_level=p.risk_level,
-                    model_version=str(served.version),
+                    model_version=version,
                     bento_tag=ref.bento_tag,
                     latency_ms=latency_ms,
                 )
@@ -252,7 +265,7 @@ class Edge:
         result = await self._predict(request, hooks, [observation], route="predict")
         if isinstance(result, Response):
             return result
-        return JSONResponse(result[0].model_dump())
+        return _json(result[0])
 
     async def predict_batch(self, request: Request) -> Response:
         request.state.request_id = _request_id(request)
@@ -287,8 +300,10 @@ class Edge:
         result = await self._predict(request, hooks, observations, route="predict_batch")
         if isinstance(result, Response):
             return result
-        out = BatchPrediction(predictions=result, count=len(result), request_id=request.state.request_id)
-        return JSONResponse(out.model_dump())
+        out = BatchPrediction.model_construct(
+            predictions=result, count=len(result), request_id=request.state.request_id
+        )
+        return _json(out)
 
     async def model_info(self, request: Request) -> Response:
         hooks = self._hooks_factory()

@@ -1,5 +1,11 @@
 """The BentoML services: a batching model service and the API service in front of it.
 
+Batching happens at two levels. Each API worker merges its concurrent requests into one
+call to the model service (``serving.coalescing``: one HTTP hop costs the model worker
+~4 ms of BentoML's per-request handling, the forest ~10 µs), and the model service's
+adaptive batcher merges the calls of all API workers into one model run. Both are switched
+off together by SERVING_BATCHING=false, which exists to measure what they buy.
+
 The model a Bento serves is fixed at build time by ``--arg model_tag=<name>:<version>``
 (``flood bento build`` passes it); the Bento stores the argument, so serving the Bento by
 tag, today or after a rollback, loads exactly that model and never ``latest``.
@@ -26,9 +32,11 @@ from core.errors import FloodError
 from core.settings import get_settings
 from ops.signing import check_model_at_start
 from serving.bentos import GRACEFUL_SHUTDOWN_S, pinned_model_tag
+from serving.coalescing import RowCoalescer
 from serving.hardening import bound_request_metric_labels, escape_access_log
 from serving.hooks import EdgeHooks
 from serving.http import ModelUnavailable, Overloaded, ResponseHeaders, create_app
+from serving.memory import tune_garbage_collector
 from serving.metrics import get_metrics, scrape_time_metrics
 from serving.model_store import served_model_of
 from serving.operations import EdgeOperations
@@ -50,6 +58,10 @@ MAX_LATENCY_MS = 400
 # failed at concurrency 16). One session for the life of the worker avoids that.
 NEVER_RECYCLE = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
 API_SERVICE_NAME = "flood_risk"
+# Calls one API worker keeps open to the model service; requests arriving meanwhile queue
+# for the next call. Two overlap one call's HTTP round trip with the next one's batching
+# (measured at concurrency 64: 714 req/s vs 605 with one).
+MODEL_CALLS_IN_FLIGHT = 2
 # The API drains for up to GRACEFUL_SHUTDOWN_S, then flushes its prediction log.
 MODEL_OUTLIVES_API_S = 2 * GRACEFUL_SHUTDOWN_S
 
@@ -78,6 +90,7 @@ class FloodRiskModel:
         )
         logger.info("loaded %s (%s)", self.served.bento_model_tag, engine_for(Path(stored.path)))
         outlive_callers(API_SERVICE_NAME, max_wait_s=MODEL_OUTLIVES_API_S)
+        tune_garbage_collector()
 
     # BentoML reads the API's shape when the class is declared, so the switch is read here.
     @bentoml.api(
@@ -85,7 +98,9 @@ class FloodRiskModel:
         max_batch_size=MAX_BATCH_SIZE,
         max_latency_ms=MAX_LATENCY_MS,
     )
-    def predict(self, raw: np.ndarray) -> np.ndarray:
+    # Async, so a batch runs on the worker's event loop: the forest takes microseconds to
+    # a few milliseconds, less than handing it to a thread and back.
+    async def predict(self, raw: np.ndarray) -> np.ndarray:
         get_metrics().batch_size.observe(len(raw))
         return self.predictor.predict_proba(raw)
 
@@ -110,7 +125,7 @@ bound_request_metric_labels(route.path for route in edge_app.routes if hasattr(r
 
 
 @bentoml.asgi_app(edge_app, path="/")
-@bentoml.service(name=API_SERVICE_NAME, workers=1, traffic={"timeout": 30})
+@bentoml.service(name=API_SERVICE_NAME, workers=get_settings().serving_api_workers, traffic={"timeout": 30})
 class FloodRiskAPI:
     """The public API; predictions go to the model service through ``bentoml.depends``."""
 
@@ -135,6 +150,12 @@ class FloodRiskAPI:
         self._engine = engine_for(Path(stored.path))
         self.operations = EdgeOperations.start()
         self._hooks = self.operations.hooks()
+        self._coalescer = (
+            RowCoalescer(self._call_model, max_rows=MAX_BATCH_SIZE, max_in_flight=MODEL_CALLS_IN_FLIGHT)
+            if get_settings().serving_batching
+            else None
+        )
+        tune_garbage_collector()
 
     @bentoml.on_shutdown
     def close_operations(self) -> None:
@@ -165,6 +186,11 @@ class FloodRiskAPI:
         return "(development)"
 
     async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        if self._coalescer is None:
+            return await self._call_model(raw)
+        return await self._coalescer.predict(raw)
+
+    async def _call_model(self, raw: np.ndarray) -> np.ndarray:
         try:
             return np.asarray(await self.model.to_async.predict(raw), dtype=np.float64)
         except ServiceUnavailable as exc:

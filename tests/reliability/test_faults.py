@@ -27,6 +27,7 @@ from ops.backup import restore_backup, run_backup, verify_backup
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
+from ops.ratelimit import REDIS_RETRY_AFTER_S as REDIS_RETRY_S
 from ops.tables import PredictionLogRow
 from serving.bentos import find_bento
 from tests.reliability.conftest import Figure, record_figure
@@ -161,7 +162,9 @@ def test_redis_killed_during_load_serves_on_and_limits_resume(deployment: Deploy
         timeout_s=30,
         what="the rate limiter back on Redis",
     )
-    time.sleep(2)
+    # That was one API worker's answer; the others retry Redis on their next request once
+    # their pause after the failure is over.
+    time.sleep(REDIS_RETRY_S + 1)
     outcomes = load.stop()
     # Limits resume in Redis: a fresh key is refused after its 3, and Redis holds its window.
     fresh = d.key("tiny")

@@ -96,7 +96,13 @@ def full_disk(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -
             )
             key = ApiKeyStore(settings=home, cache_seconds=0).create_key("journal", "load").raw_key
             bento = find_bento(built_home.bentos[max(built_home.bentos)].tag, settings=home)
-            env = {"SECRET_KEY": secret, "DATABASE_URL": with_port(database_url, proxy.port)}
+            # One API worker: the test reads the rows held in memory from /health/detailed,
+            # which reports the state of whichever worker answers.
+            env = {
+                "SECRET_KEY": secret,
+                "DATABASE_URL": with_port(database_url, proxy.port),
+                "SERVING_API_WORKERS": "1",
+            }
             server = start_server(bento, settings=home, log=root / "serve.log", env=env)
             try:
                 yield FullDisk(server, database_url, proxy, journal, filler, key)

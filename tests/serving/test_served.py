@@ -86,11 +86,13 @@ def test_concurrent_burst_has_no_errors_and_is_batched(server: Server, built_hom
     def delta(name: str) -> float:
         return metric_total(after, name) - metric_total(before, name)
 
-    calls = delta("bentoml_service_adaptive_batch_size_count")
-    merged = delta("bentoml_service_adaptive_batch_size_sum")
-    assert merged >= 300 and calls > 0
-    assert merged / calls > 1.0, "concurrent requests were never merged into one model call"
-    assert delta("flood_adaptive_batch_size_sum") >= 300
+    # Rows reach the model through the API workers' coalescers and the model service's
+    # batcher; either way, 300 concurrent requests must take far fewer model runs.
+    runs = delta("flood_adaptive_batch_size_count")
+    rows = delta("flood_adaptive_batch_size_sum")
+    assert rows >= 300 and runs > 0
+    assert rows / runs > 2.0, f"{runs:.0f} model runs for {rows:.0f} rows: requests were not merged"
+    assert delta("bentoml_service_adaptive_batch_size_count") > 0  # BentoML's batcher is on
     assert delta("flood_predictions_total") >= 300
     assert delta("flood_prediction_latency_seconds_count") >= 300
 
