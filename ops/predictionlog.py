@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -176,6 +176,7 @@ class PredictionLog:
         flush_ms: int | None = None,
         batch_rows: int | None = None,
         retry_seconds: float = _DEFAULT_RETRY_SECONDS,
+        queue_rows: int = _QUEUE_MAX,
         settings: Settings | None = None,
     ) -> None:
         settings = settings or get_settings()
@@ -196,7 +197,7 @@ class PredictionLog:
         self._retry_s = retry_seconds
         self._host = socket.gethostname().replace("-", "_")
         self.journal_path = self._journal_dir / f"journal-{self._host}-{os.getpid()}.jsonl"
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_MAX)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_rows)
         self._journal_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._next_retry = 0.0  # monotonic; 0 means the database is believed up
@@ -211,11 +212,20 @@ class PredictionLog:
 
     def record(self, record: PredictionRecord) -> None:
         """Enqueue ``record``; never blocks on the database."""
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            # The writer is far behind; the journal keeps the row rather than dropping it.
-            self._append_journal([record])
+        self.record_many([record])
+
+    def record_many(self, records: Sequence[PredictionRecord]) -> None:
+        """Enqueue one request's records; never blocks on the database."""
+        overflow: list[PredictionRecord] = []
+        for record in records:
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                overflow.append(record)
+        if overflow:
+            # The writer is far behind; the journal keeps the rows rather than dropping
+            # them, with one fsync per request rather than one per row.
+            self._append_journal(overflow)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -276,6 +286,10 @@ class PredictionLog:
             if batch:
                 self._write(batch)
             if stopping or (self._next_retry and time.monotonic() >= self._next_retry):
+                self._replay_journal()
+            elif not self._next_retry and self._queue.qsize() < self._batch_rows and self._journal_pending():
+                # Rows journaled because the queue overflowed, with the database up: back
+                # into it once the writer has caught up, not only at the next outage or stop.
                 self._replay_journal()
             for marker in markers:
                 marker.done.set()

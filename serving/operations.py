@@ -176,8 +176,7 @@ class EdgeOperations:
         return await anyio.to_thread.run_sync(call)
 
     async def record(self, _: Request, records: Sequence[PredictionRecord]) -> None:
-        for record in records:
-            self.log.record(record)
+        self.log.record_many(records)
         self._sync_counters()
 
     def _sync_counters(self) -> None:

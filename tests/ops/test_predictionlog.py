@@ -224,3 +224,22 @@ def _dead_pid() -> int:
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
     return int(process.stdout)
+
+
+def test_rows_journaled_when_the_queue_overflows_reach_the_database_without_an_outage(
+    postgres_url: str, flood_home: Path
+) -> None:
+    log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20, batch_rows=10, queue_rows=20)
+    log.start()
+    assert log.flush(10)  # past the writer's start-up replay
+    records = [make_record() for _ in range(200)]
+    log.record_many(records)  # far more at once than the queue holds
+    assert log.rows_journaled > 0
+    deadline = time.monotonic() + 20
+    while len(logged_ids(postgres_url)) < len(records) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert sorted(logged_ids(postgres_url)) == sorted(r.request_id for r in records)
+        assert not log.health()["journal_pending"]
+    finally:
+        log.close()
