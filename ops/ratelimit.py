@@ -38,7 +38,7 @@ DEFAULT_KEY_PREFIX = "flood-ratelimit"
 # Short socket timeouts: a limiter that waits seconds on Redis is worse than one that
 # falls back, and a healthy local Redis answers in well under a millisecond.
 _REDIS_TIMEOUT_S = 0.25
-REDIS_RETRY_AFTER_S = 5.0
+_REDIS_RETRY_AFTER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class RateLimiter:
         redis_url: str | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         policy: str | None = None,
-        redis_retry_seconds: float = REDIS_RETRY_AFTER_S,
+        redis_retry_seconds: float = _REDIS_RETRY_AFTER_S,
     ) -> None:
         self._settings = settings or get_settings()
         self._tiers = parse_tiers(self._settings)
