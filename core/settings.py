@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     # Most observations one POST /api/v1/predict/batch may carry; more is answered with 413.
     predict_batch_max: int = Field(default=256, ge=1, le=10_000)
-    # Adaptive batching in the model service; off only to measure what it buys (benchmarks/).
+    # Coalescing in the API workers and adaptive batching in the model service; off only to
+    # measure what they buy (benchmarks/).
     serving_batching: bool = True
     # API workers per `bentoml serve` (each holds its own key cache, limiter client and
     # prediction-log writer); "cpu_count" is one per core.

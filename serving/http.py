@@ -218,12 +218,12 @@ class Edge:
         # Built without re-validation: every value is ours, and a batch answer is 256 rows.
         predictions = [
             Prediction.model_construct(
-                probability=float(p),
-                risk_level=cast(RiskLevel, risk_level(float(p))),
+                probability=p,
+                risk_level=cast(RiskLevel, risk_level(p)),
                 model=ref,
                 request_id=request_id,
             )
-            for p in probabilities
+            for p in map(float, probabilities)
         ]
         for level, count in Counter(p.risk_level for p in predictions).items():
             metrics.predictions.labels(risk_level=level, model_version=version).inc(count)

@@ -1,8 +1,8 @@
 """The BentoML services: a batching model service and the API service in front of it.
 
 Batching happens at two levels. Each API worker merges its concurrent requests into one
-call to the model service (``serving.coalescing``: one HTTP hop costs the model worker
-~4 ms of BentoML's per-request handling, the forest ~10 µs), and the model service's
+call to the model service (``serving.coalescing``: one HTTP hop takes ~5 ms inside the
+model worker, nearly all BentoML's per-request handling; the forest ~10 µs), and the model service's
 adaptive batcher merges the calls of all API workers into one model run. Both are switched
 off together by SERVING_BATCHING=false, which exists to measure what they buy.
 
