@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## run: set up, train on real data (synthetic if none), register, promote, build a Bento, serve it
-run: train build key serve
+## run: set up, train on real data (synthetic if none), register, build its Bento, promote, serve it
+run: train key serve
 
+## train: a new version with its Bento built before it becomes champion
 train: $(STAMP)
-	$(BIN)/flood train --register --promote --allow-synthetic
+	$(BIN)/flood train --register --bento --promote --allow-synthetic
 
 build: $(STAMP)
 	$(BIN)/flood bento build

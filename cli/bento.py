@@ -20,13 +20,18 @@ def build_command(
     ),
 ) -> None:
     """Import a registry version into the BentoML store and build a Bento pinned to it."""
+    typer.echo(build_version_bento(version))
+
+
+def build_version_bento(version: int | None) -> str:
+    """Import ``version`` (default: the champion) and build a Bento pinned to it; its tag."""
     from serving.bentos import build_bento, import_registry_version
 
     settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="flood-bento-") as tmp:
         model_tag = import_registry_version(version, settings=settings, workdir=Path(tmp))
     typer.echo(f"model {model_tag}", err=True)
-    typer.echo(build_bento(model_tag, settings=settings))
+    return build_bento(model_tag, settings=settings)
 
 
 @app.command("list")
@@ -50,7 +55,9 @@ def list_command() -> None:
 
 
 def serve_command(
-    tag: str | None = typer.Argument(None, help="Bento tag (default: the newest Bento)."),
+    tag: str | None = typer.Argument(
+        None, help="Bento tag (default: the newest Bento built for the current champion)."
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(3000, "--port", help="Port to listen on."),
 ) -> None:
@@ -59,7 +66,8 @@ def serve_command(
 
     settings = get_settings()
     bento = find_bento(tag, settings=settings)
-    typer.echo(f"serving {bento.tag} (model {bento.model_tag}) on {host}:{port}", err=True)
+    pinned = "the champion's Bento" if tag is None else "as asked"
+    typer.echo(f"serving {bento.tag} (model {bento.model_tag}, {pinned}) on {host}:{port}", err=True)
     argv = serve_argv(bento, host=host, port=port)
     # Replace this process so SIGTERM from a supervisor reaches BentoML's arbiter directly
     # and in-flight requests drain (graceful shutdown) instead of being cut by a wrapper.

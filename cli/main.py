@@ -41,3 +41,7 @@ def run() -> None:
     except FloodError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":  # `python -m cli.main`: the CLI of this source tree, not the installed one
+    run()

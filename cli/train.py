@@ -30,6 +30,9 @@ def train_command(
     allow_synthetic: bool = typer.Option(
         False, "--allow-synthetic", help="With --promote: allow a synthetic-data model (never in production)."
     ),
+    bento: bool = typer.Option(
+        False, "--bento", help="Build the new version's Bento (implies --register); before --promote."
+    ),
 ) -> None:
     """Train the flood classifier; print the per-year report beside the rainfall baseline."""
     settings = get_settings()
@@ -54,12 +57,20 @@ def train_command(
             on_step=lambda step: status.update(f"training: {step}"),
         )
     typer.echo(result.report_markdown)
-    if register or promote:
-        from registry import log_training_run, promote_version
+    if register or promote or bento:
+        from registry import check_promotable, log_training_run, promote_version
 
         info = log_training_run(result)
         typer.echo(f"registered {settings.flood_model_name} version {info.version} "
                    f"(run {info.run_id}, data_source={info.data_source})")  # fmt: skip
+        if promote:
+            # Refuse before building: a Bento for a version that cannot serve is wasted work.
+            check_promotable(info, allow_synthetic=allow_synthetic and info.is_synthetic)
+        if bento:
+            from cli.bento import build_version_bento
+
+            # Built before the alias moves, so the champion always has a Bento to serve.
+            typer.echo(f"built {build_version_bento(info.version)} for version {info.version}")
         if promote:
             # Only synthetic models need the flag: a real-data model goes through the same
             # checks as `flood models promote`.

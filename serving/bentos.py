@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +28,7 @@ from training.data import sha256_file
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+BENTOFILE = "bentofile.yaml"
 BENTO_NAME = "flood_risk"
 GRACEFUL_SHUTDOWN_S = 30
 # Idle keep-alive connections are closed after this. It must outlast the idle timeout of
@@ -119,26 +123,87 @@ def import_registry_version(version: int | None, *, settings: Settings, workdir:
     return tag
 
 
+def stage_build_context(project_dir: Path, dest: Path) -> Path:
+    """A build context holding only what ``bentofile.yaml`` names: its includes' top-level
+    entries and the Docker setup script, never the checkout's state (``.flood``, venvs).
+
+    BentoML walks the whole build context, so building from the checkout itself would copy
+    whatever FLOOD_HOME or BENTOML_HOME holds there, earlier Bentos included, into each new
+    Bento; paths nest until the OS refuses them (the second build in a checkout failed).
+    """
+    import yaml
+
+    config = yaml.safe_load((project_dir / BENTOFILE).read_text())
+    tops = {pattern.lstrip("/").split("/", 1)[0] for pattern in config.get("include") or []}
+    setup_script = (config.get("docker") or {}).get("setup_script")
+    if setup_script:
+        tops.add(setup_script)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(project_dir / BENTOFILE, dest / BENTOFILE)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in sorted(tops):
+        if any(char in name for char in "*?["):
+            raise BentoError(f"{BENTOFILE}: include {name!r} must start with a literal top-level path")
+        source = project_dir / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=ignore, symlinks=True)
+        elif source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+        else:
+            raise BentoError(f"{BENTOFILE} names {name!r}, which is not in {project_dir}")
+    return dest
+
+
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+(?:Error|Exception)|Error|error)\b[^:]*:\s*\S")
+
+
+def first_error_line(output: str) -> str:
+    """The first line of a failed command's output that names an error, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if _ERROR_LINE.match(line):
+            return line[:500]
+    return lines[-1][:500] if lines else "(no output)"
+
+
 def build_bento(model_tag: str, *, settings: Settings) -> str:
-    """``bentoml build`` pinned to a stored model; the new Bento's tag."""
+    """``bentoml build`` pinned to a stored model, from a clean staged context; the new tag.
+
+    On failure the whole output is kept under ``FLOOD_HOME/logs`` and the error names it.
+    """
     from serving.model_store import read_model
 
     served, _ = read_model(model_tag, store_dir=settings.bentoml_home / "models")
-    command = bentoml_command(
-        "build",
-        str(PROJECT_DIR),
-        "--output",
-        "tag",
-        "--arg",
-        f"model_tag={model_tag}",
-        "--label",
-        f"flood_model_version={served.version}",
-        "--label",
-        f"flood_data_source={served.data_source}",
-    )
-    done = subprocess.run(command, env=bentoml_environ(settings), capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(prefix="flood-bento-src-") as tmp:
+        context = stage_build_context(PROJECT_DIR, Path(tmp) / "src")
+        command = bentoml_command(
+            "build",
+            str(context),
+            "--output",
+            "tag",
+            "--arg",
+            f"model_tag={model_tag}",
+            "--label",
+            f"flood_model_version={served.version}",
+            "--label",
+            f"flood_data_source={served.data_source}",
+        )
+        done = subprocess.run(
+            command,
+            cwd=context,  # BentoML refuses a bentofile outside its working directory
+            env=bentoml_environ(settings),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if done.returncode != 0:
-        raise BentoError(f"bentoml build failed: {done.stderr.strip()[-2000:]}")
+        log_dir = settings.flood_home.resolve() / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = log_dir / f"bento-build-{datetime.now().strftime('%Y%m%dT%H%M%S')}.log"
+        log_file.write_text(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}")
+        reason = first_error_line(done.stderr) if done.stderr.strip() else first_error_line(done.stdout)
+        raise BentoError(f"bentoml build failed: {reason} (full output in {log_file})")
     for line in done.stdout.splitlines():
         if line.startswith("__tag__:"):
             return line.removeprefix("__tag__:").strip()
@@ -170,16 +235,32 @@ def list_bentos(settings: Settings) -> list[BentoSummary]:
 
 
 def find_bento(tag: str | None, *, settings: Settings) -> BentoSummary:
-    """The Bento with this tag (``name:version`` or just version), or the newest one."""
-    bentos = list_bentos(settings)
-    if not bentos:
-        raise BentoError("no Bentos built yet; run `flood bento build`")
+    """The Bento with this tag (``name:version`` or just version); with no tag, the newest
+    Bento built for the current champion (``champion_bento``)."""
     if tag is None:
-        return bentos[0]
-    for bento in bentos:
+        return champion_bento(settings)
+    for bento in list_bentos(settings):
         if tag in (bento.tag, bento.tag.partition(":")[2]):
             return bento
     raise BentoError(f"no Bento {tag!r}; `flood bento list` shows the built ones")
+
+
+def champion_bento(settings: Settings) -> BentoSummary:
+    """The newest Bento pinned to the registry's champion version.
+
+    Not simply the newest Bento: after ``flood models rollback`` the newest one serves the
+    version just rolled away from.
+    """
+    import registry
+
+    champion = registry.resolve_alias()
+    for bento in list_bentos(settings):
+        if bento.model_version == champion.version:
+            return bento
+    raise BentoError(
+        f"no Bento is built for the champion v{champion.version}; "
+        f"build one with `flood bento build --version {champion.version}`"
+    )
 
 
 def serve_argv(bento: BentoSummary, *, host: str, port: int) -> list[str]:
