@@ -10,6 +10,9 @@ Missing optional fields are handled one way, here, for both:
 - ``wind_speed`` missing -> the median seen in training (learned in ``fit``).
 - ``month`` missing -> the centre of the month circle (sin = cos = 0) and a wet-season
   flag of 0.5: "season unknown", not "January".
+
+Every feature is derived; a ``FeatureBuilder(features=...)`` passes on the subset a model
+family uses (``ALL_FEATURES`` names them all, ``FEATURE_NAMES`` is the default set).
 """
 
 from __future__ import annotations
@@ -34,10 +37,22 @@ FEATURE_NAMES: tuple[str, ...] = (
     "month_cos",
     "wet_season",
 )
-# Features through which rain enters; the forest is constrained to be non-decreasing in
+# log1p of the rain sums: rain is heavy-tailed, and a logistic model is linear in these.
+LOG_RAIN_FEATURES: tuple[str, ...] = ("log_rainfall", "log_rainfall_3d", "log_rainfall_7d")
+ALL_FEATURES: tuple[str, ...] = (*FEATURE_NAMES, *LOG_RAIN_FEATURES)
+# Features through which rain enters; tree models are constrained to be non-decreasing in
 # them, which is what makes "more rain never lowers risk" hold by construction.
-RAIN_FEATURES: frozenset[str] = frozenset({"rainfall", "rainfall_3d", "rainfall_7d", "rain_humidity"})
-MONOTONIC_CST: tuple[int, ...] = tuple(1 if n in RAIN_FEATURES else 0 for n in FEATURE_NAMES)
+RAIN_FEATURES: frozenset[str] = frozenset(
+    {"rainfall", "rainfall_3d", "rainfall_7d", "rain_humidity", *LOG_RAIN_FEATURES}
+)
+
+
+def monotonic_cst(features: tuple[str, ...]) -> list[int]:
+    """+1 (non-decreasing) for each rain feature, 0 (free) for the others."""
+    return [1 if name in RAIN_FEATURES else 0 for name in features]
+
+
+MONOTONIC_CST: tuple[int, ...] = tuple(monotonic_cst(FEATURE_NAMES))
 
 # Southwest monsoon (habagat) and typhoon season over Metro Manila.
 WET_MONTHS = frozenset({6, 7, 8, 9, 10, 11})
@@ -62,7 +77,7 @@ def to_raw_matrix(rows: pd.DataFrame | np.ndarray | list[dict[str, Any]]) -> np.
 
 
 def derive_features(raw: np.ndarray, *, wind_speed_fill: float) -> np.ndarray:
-    """Feature matrix (columns ``FEATURE_NAMES``) from a raw matrix (columns ``FIELD_NAMES``)."""
+    """Feature matrix (columns ``ALL_FEATURES``) from a raw matrix (columns ``FIELD_NAMES``)."""
     temperature = raw[:, _COL["temperature"]]
     humidity = raw[:, _COL["humidity"]]
     rainfall = raw[:, _COL["rainfall"]]
@@ -89,12 +104,29 @@ def derive_features(raw: np.ndarray, *, wind_speed_fill: float) -> np.ndarray:
             month_sin,
             month_cos,
             wet,
+            np.log1p(rainfall),
+            np.log1p(rain3),
+            np.log1p(rain7),
         ]
     )
 
 
+_FEATURE_INDEX = {name: i for i, name in enumerate(ALL_FEATURES)}
+
+
 class FeatureBuilder(TransformerMixin, BaseEstimator):
-    """Raw observation fields -> model features (see the module docstring for missing values)."""
+    """Raw observation fields -> model features (see the module docstring for missing values).
+
+    ``features``: the derived features to pass on, in this order (default ``FEATURE_NAMES``).
+    """
+
+    def __init__(self, features: tuple[str, ...] | None = None) -> None:
+        self.features = features
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        # getattr: pipelines saved before ``features`` existed carry no such attribute.
+        return tuple(getattr(self, "features", None) or FEATURE_NAMES)
 
     def fit(self, X: Any, y: Any = None) -> FeatureBuilder:  # noqa: N803 - sklearn convention
         raw = to_raw_matrix(X)
@@ -102,10 +134,17 @@ class FeatureBuilder(TransformerMixin, BaseEstimator):
         observed = wind[~np.isnan(wind)]
         self.wind_speed_fill_ = float(np.median(observed)) if observed.size else 0.0
         self.n_features_in_ = len(FIELD_NAMES)
+        unknown = sorted(set(self.selected) - set(ALL_FEATURES))
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; known: {ALL_FEATURES}")
         return self
 
     def transform(self, X: Any) -> np.ndarray:  # noqa: N803 - sklearn convention
-        return derive_features(to_raw_matrix(X), wind_speed_fill=self.wind_speed_fill_)
+        derived = derive_features(to_raw_matrix(X), wind_speed_fill=self.wind_speed_fill_)
+        selected = self.selected
+        if selected == ALL_FEATURES:
+            return derived
+        return derived[:, [_FEATURE_INDEX[name] for name in selected]]
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        return np.asarray(FEATURE_NAMES, dtype=object)
+        return np.asarray(self.selected, dtype=object)

@@ -1,27 +1,148 @@
-"""The estimator: derived features then a monotone, class-balanced random forest."""
+"""The candidate model families, each a Pipeline: derived features, then a calibrated classifier.
+
+Every candidate goes through the same two steps, so the leaderboard compares model
+families and nothing else:
+
+- ``features``: ``core.features.FeatureBuilder`` passing on the family's features;
+- ``model``: ``CalibratedClassifierCV(family, method="sigmoid", ensemble=False)`` over
+  contiguous time blocks (``KFold`` without shuffling on rows sorted by date). The family is
+  fitted on every row; the sigmoid is fitted on out-of-fold scores, where each block was
+  scored by a fit that never saw it. Classes are not reweighted, so P(flood) stays a
+  frequency: a balanced-weight forest says 0.29 where floods happen on 1.6 % of days.
+
+``n_jobs=1`` everywhere: the service runs one model per worker process and parallelism
+comes from workers and batching, not from threads fighting over two cores.
+"""
 
 from __future__ import annotations
 
-from sklearn.ensemble import RandomForestClassifier
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sklearn.base import ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline
 
-from core.features import MONOTONIC_CST, FeatureBuilder
+from core.features import FEATURE_NAMES, FeatureBuilder, monotonic_cst
+
+# Time blocks for calibration: about two months each on one labelled year, four on two.
+CALIBRATION_BLOCKS = 6
+ANTECEDENT_FEATURES = ("rainfall", "rainfall_3d", "rainfall_7d")
+LOG_SUMS = ("log_rainfall", "log_rainfall_3d", "log_rainfall_7d")
+RULE_WINDOWS = {"rule_1d": "log_rainfall", "rule_3d": "log_rainfall_3d", "rule_7d": "log_rainfall_7d"}
 
 
-def build_pipeline(*, n_estimators: int = 300, seed: int = 0, min_samples_leaf: int = 3) -> Pipeline:
-    """An unfitted Pipeline taking the raw observation fields.
+@dataclass(frozen=True)
+class Candidate:
+    """One model family under the common protocol."""
 
-    ``n_jobs=1`` because the service runs one model per worker process and parallelism comes
-    from workers and batching, not from threads fighting over two cores. Classes are
-    balanced per bootstrap sample: there are a few dozen flood rows among thousands.
-    """
-    forest = RandomForestClassifier(
+    name: str
+    description: str
+    complexity: int  # ties in selection go to the lower number: the simpler model
+    features: tuple[str, ...]
+    make_estimator: Callable[[int, int], ClassifierMixin]  # (n_estimators, seed) -> unfitted
+
+    @property
+    def is_rule(self) -> bool:
+        return self.name in RULE_WINDOWS
+
+    def build(self, *, n_estimators: int = 300, seed: int = 0) -> Pipeline:
+        """An unfitted Pipeline taking the raw observation fields."""
+        calibrated = CalibratedClassifierCV(
+            self.make_estimator(n_estimators, seed),
+            method="sigmoid",
+            cv=KFold(n_splits=CALIBRATION_BLOCKS, shuffle=False),
+            ensemble=False,
+        )
+        return Pipeline([("features", FeatureBuilder(features=self.features)), ("model", calibrated)])
+
+
+def _forest(n_estimators: int, seed: int) -> RandomForestClassifier:
+    # The forest served before candidates existed: balanced bootstrap classes, small leaves.
+    return RandomForestClassifier(
         n_estimators=n_estimators,
-        min_samples_leaf=min_samples_leaf,
+        min_samples_leaf=3,
         max_features="sqrt",
         class_weight="balanced_subsample",
-        monotonic_cst=list(MONOTONIC_CST),
+        monotonic_cst=monotonic_cst(FEATURE_NAMES),
         n_jobs=1,
         random_state=seed,
     )
-    return Pipeline([("features", FeatureBuilder()), ("model", forest)])
+
+
+def _small_forest(n_estimators: int, seed: int) -> RandomForestClassifier:
+    # Leaves of 50 station-days cannot memorise a flood day (3 rows each); one feature per
+    # split keeps the trees different from one another.
+    return RandomForestClassifier(
+        n_estimators=max(10, n_estimators // 2),
+        min_samples_leaf=50,
+        max_features=1,
+        monotonic_cst=monotonic_cst(ANTECEDENT_FEATURES),
+        n_jobs=1,
+        random_state=seed,
+    )
+
+
+def _logistic(n_estimators: int, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=1.0, max_iter=1000)
+
+
+def _monotone_boosting(n_estimators: int, seed: int) -> HistGradientBoostingClassifier:
+    return HistGradientBoostingClassifier(
+        learning_rate=0.05,
+        max_iter=100,
+        max_depth=3,
+        min_samples_leaf=40,
+        l2_regularization=1.0,
+        monotonic_cst=monotonic_cst(FEATURE_NAMES),
+        early_stopping=False,
+        random_state=seed,
+    )
+
+
+CANDIDATES: tuple[Candidate, ...] = (
+    *(
+        Candidate(
+            name=name,
+            description=f"rainfall rule: logistic on {feature} alone",
+            complexity=1,
+            features=(feature,),
+            make_estimator=_logistic,
+        )
+        for name, feature in RULE_WINDOWS.items()
+    ),
+    Candidate("logistic", "logistic regression on log rain sums", 2, LOG_SUMS, _logistic),
+    Candidate(
+        "forest_small",
+        "low-capacity forest on antecedent rain (leaves >= 50, 1 feature per split)",
+        3,
+        ANTECEDENT_FEATURES,
+        _small_forest,
+    ),
+    Candidate(
+        "boosting_monotone",
+        "gradient boosting, monotone in rain (depth 3, leaves >= 40)",
+        4,
+        FEATURE_NAMES,
+        _monotone_boosting,
+    ),
+    Candidate(
+        "forest", "random forest, balanced classes, all features (the v1 model)", 5, FEATURE_NAMES, _forest
+    ),
+)
+CANDIDATE_NAMES: tuple[str, ...] = tuple(c.name for c in CANDIDATES)
+
+
+def get_candidate(name: str) -> Candidate:
+    for candidate in CANDIDATES:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no candidate {name!r}; known: {', '.join(CANDIDATE_NAMES)}")
+
+
+def build_pipeline(*, n_estimators: int = 300, seed: int = 0, candidate: str = "forest") -> Pipeline:
+    """An unfitted Pipeline of one candidate (default: the forest)."""
+    return get_candidate(candidate).build(n_estimators=n_estimators, seed=seed)
