@@ -22,8 +22,10 @@ from registry.integrity import (
 )
 from registry.runs import log_run, log_training_run, register_run
 from registry.versions import (
+    CandidateStanding,
     MetricComparison,
     ModelVersionInfo,
+    candidate_standings,
     compare_versions,
     download_model,
     get_version,
@@ -35,9 +37,11 @@ from registry.versions import (
 __all__ = [
     "PIPELINE_FILE",
     "TRUSTED_TYPES",
+    "CandidateStanding",
     "ChampionEvent",
     "MetricComparison",
     "ModelVersionInfo",
+    "candidate_standings",
     "champion_history",
     "check_promotable",
     "compare_versions",

@@ -35,6 +35,11 @@ TRUSTED_TYPES: frozenset[str] = frozenset(
         "sklearn.ensemble._forest.RandomForestClassifier",
         "sklearn.tree._classes.DecisionTreeClassifier",
         "sklearn.tree._tree.Tree",
+        # Every candidate family is calibrated on time blocks (training.model).
+        "sklearn.calibration._CalibratedClassifier",
+        "sklearn.calibration._SigmoidCalibration",
+        "sklearn.model_selection._split.KFold",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     }
 )
 # MLflow writes this into the stored model directory itself whenever a local store is read

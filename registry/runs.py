@@ -24,6 +24,7 @@ from core.observation import FIELD_NAMES, INPUT_FIELDS
 from registry.backend import connect, ensure_experiment, import_mlflow, is_not_found
 from registry.integrity import PIPELINE_FILE, save_pipeline
 from registry.versions import (
+    TAG_CANDIDATE,
     TAG_DATA_SOURCE,
     TAG_MODEL_ID,
     TAG_MODEL_SHA256,
@@ -60,16 +61,20 @@ def pip_requirements() -> list[str]:
 
 
 def model_signature() -> ModelSignature:
-    """Input: the observation fields as doubles (optional ones may be absent); output: P(flood)."""
+    """Input: the observation fields (optional ones may be absent); output: P(flood).
+
+    Typed ``Any`` so integers reach the model, which converts them (``registry.pyfunc``).
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec("double", f.name, required=f.required) for f in INPUT_FIELDS])
+    inputs = Schema([ColSpec(AnyType(), f.name, required=f.required) for f in INPUT_FIELDS])
     outputs = Schema([TensorSpec(np.dtype(np.float64), (-1,))])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def per_year_markdown(table: pd.DataFrame) -> str:
+def table_markdown(table: pd.DataFrame) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float | np.floating):
             return f"{value:.4f}"
@@ -84,6 +89,7 @@ def per_year_markdown(table: pd.DataFrame) -> str:
 def run_tags(result: TrainingResult) -> dict[str, str]:
     tags = {
         TAG_DATA_SOURCE: result.data_source,
+        TAG_CANDIDATE: result.candidate,
         TAG_VALIDATION_STATUS: "passed" if result.validation_passed else "failed",
         TAG_VALIDATION_REASON: result.validation_reason[:MAX_REASON_CHARS],
         **result.thresholds.as_tags(),
@@ -114,6 +120,42 @@ def input_example(result: TrainingResult) -> pd.DataFrame | None:
     return result.input_example.loc[:, columns].head(5).astype(np.float64)
 
 
+def finite_metrics(values: dict[str, Any]) -> dict[str, float]:
+    # MLflow stores NaN, but a missing metric says "undefined" more plainly in its UI.
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and np.isfinite(v)}
+
+
+def log_candidate_runs(mlflow: Any, result: TrainingResult, experiment_id: str) -> None:
+    """One child run per candidate: its pooled and per-year out-of-year metrics."""
+    metric_names = [c for c in result.leaderboard.columns if result.leaderboard[c].dtype.kind == "f"]
+    for row in result.leaderboard.to_dict("records"):
+        name = str(row["candidate"])
+        metrics = finite_metrics({k: row[k] for k in metric_names})
+        for year_row in result.per_year[result.per_year["candidate"] == name].to_dict("records"):
+            metrics.update(
+                finite_metrics(
+                    {
+                        f"test_{year_row['test_year']}_{k}": v
+                        for k, v in year_row.items()
+                        if k not in ("candidate", "test_year")
+                    }
+                )  # fmt: skip
+            )
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=name,
+            nested=True,
+            tags={
+                TAG_CANDIDATE: name,
+                "winner": str(bool(row["winner"])).lower(),
+                "eligible": str(bool(row["eligible"])).lower(),
+                "note": str(row["note"])[:MAX_REASON_CHARS],
+            },
+        ):
+            mlflow.log_params({"complexity": int(row["complexity"])})
+            mlflow.log_metrics(metrics)
+
+
 def log_run(result: TrainingResult) -> str:
     """Log one training run with its model; returns the MLflow run id."""
     mlflow = import_mlflow()
@@ -132,14 +174,20 @@ def log_run(result: TrainingResult) -> str:
             tags=run_tags(result),
         ) as run:
             mlflow.log_params(loggable_params(result.params))
-            mlflow.log_metrics(result.metrics)
+            mlflow.log_metrics(finite_metrics(result.metrics))
             per_year_csv = staging / "per_year.csv"
             result.per_year.to_csv(per_year_csv, index=False)
             mlflow.log_artifact(str(per_year_csv))
-            mlflow.log_text(per_year_markdown(result.per_year), "per_year.md")
+            mlflow.log_text(table_markdown(result.per_year), "per_year.md")
             mlflow.log_table(result.per_year, artifact_file="per_year.json")
             if result.report_markdown:
                 mlflow.log_text(result.report_markdown, "report.md")
+            if not result.leaderboard.empty:
+                mlflow.log_text(table_markdown(result.leaderboard), "leaderboard.md")
+                mlflow.log_table(result.leaderboard, artifact_file="leaderboard.json")
+                if result.selection:
+                    mlflow.log_text(result.selection, "selection.txt")
+                log_candidate_runs(mlflow, result, experiment_id)
             for name, path in sorted(result.plots.items()):
                 if not Path(path).is_file():
                     logger.warning("plot %s missing at %s; not logged", name, path)
@@ -179,7 +227,8 @@ def register_run(run_id: str) -> ModelVersionInfo:
     version_tags = {
         key: value
         for key, value in tags.items()
-        if key in {TAG_DATA_SOURCE, TAG_MODEL_SHA256, TAG_VALIDATION_STATUS, TAG_VALIDATION_REASON}
+        if key
+        in {TAG_DATA_SOURCE, TAG_CANDIDATE, TAG_MODEL_SHA256, TAG_VALIDATION_STATUS, TAG_VALIDATION_REASON}
         or key.startswith("threshold_")
     }
     version_tags[TAG_RUN_ID] = run_id

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 TAG_RUN_ID = "run_id"
 TAG_MODEL_ID = "model_id"
 TAG_DATA_SOURCE = "data_source"
+TAG_CANDIDATE = "candidate"  # the model family that won selection (training.model)
 TAG_MODEL_SHA256 = "model_sha256"
 TAG_VALIDATION_STATUS = "validation_status"
 TAG_VALIDATION_REASON = "validation_reason"
@@ -50,6 +51,7 @@ class ModelVersionInfo:
     source: str  # MLflow model URI, "models:/m-..."
     validation_reason: str = ""
     promoted_at: datetime | None = None  # last time it became champion
+    candidate: str = ""  # model family; empty for versions registered before candidates
 
     @property
     def is_champion(self) -> bool:
@@ -117,6 +119,7 @@ def version_info(client: MlflowClient, mv: ModelVersion) -> ModelVersionInfo:
         created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
         source=str(mv.source),
         validation_reason=tags.get(TAG_VALIDATION_REASON, ""),
+        candidate=tags.get(TAG_CANDIDATE, ""),
         promoted_at=datetime.fromisoformat(promoted) if promoted else None,
     )
 
@@ -156,6 +159,41 @@ def resolve_alias(alias: str = CHAMPION_ALIAS) -> ModelVersionInfo:
         hint = " (promote one with `flood models promote V`)" if alias == CHAMPION_ALIAS else ""
         raise RegistryError(f"model {model_name()!r} has no {alias!r} version yet{hint}")
     return version_info(client, fetch_model_version(client, version))
+
+
+@dataclass(frozen=True)
+class CandidateStanding:
+    """One candidate of a training run, read from its child run."""
+
+    name: str
+    winner: bool
+    eligible: bool
+    note: str
+    metrics: dict[str, float]
+
+
+def candidate_standings(version: int) -> list[CandidateStanding]:
+    """The candidates the training run of ``version`` compared, best pooled PR-AUC first."""
+    client = connect()
+    info = version_info(client, fetch_model_version(client, version))
+    if not info.run_id:
+        raise RegistryError(f"{info.name} v{version} names no training run")
+    parent = client.get_run(info.run_id)
+    children = client.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{info.run_id}'",
+    )
+    standings = [
+        CandidateStanding(
+            name=run.data.tags.get(TAG_CANDIDATE, run.info.run_name or "?"),
+            winner=run.data.tags.get("winner") == "true",
+            eligible=run.data.tags.get("eligible") == "true",
+            note=run.data.tags.get("note", ""),
+            metrics=dict(run.data.metrics),
+        )
+        for run in children
+    ]
+    return sorted(standings, key=lambda s: -s.metrics.get("pr_auc", -1.0))
 
 
 def compare_versions(a: int, b: int) -> list[MetricComparison]:

@@ -1,13 +1,17 @@
-"""Honest evaluation for a handful of flood days: time-based splits, per year, vs a baseline.
+"""Honest evaluation for a handful of flood days: one protocol for every candidate.
 
-- Outer loop: leave one labelled year out (train 2022 -> test 2023 and the reverse when
-  those are the years). Nothing about a test year, thresholds included, is fitted on it.
-- Inside each training part, out-of-fold predictions over contiguous quarter blocks pick
-  the risk thresholds that the test year is then scored at.
-- The production thresholds come from the pooled out-of-year predictions (validation
-  data for the final model, which is fitted on every labelled year).
-- Baseline: one rainfall cut-off, the best F1 on the training part; its ranking score for
-  PR-AUC/ROC-AUC is the day's rainfall itself.
+- Outer loop: leave one labelled year out. Each candidate is fitted on the other years
+  (its sigmoid calibration included, see ``training.model``) and scores the held-out year.
+  Nothing about a test year is fitted on it: not the model, not the calibration, not the
+  thresholds it is scored at.
+- Thresholds come from alert budgets, not from labels: Alert is the lowest P(flood) whose
+  alert rate stays within ``alert_budget`` of station-days, Critical the same for the
+  smaller ``critical_budget``. A fold's thresholds are read off the training years'
+  predictions; the served thresholds off the pooled out-of-year predictions.
+- Calibration: Brier, and the Brier skill score against climatology (the training years'
+  flood rate, the forecast a model must beat to be worth more than an average).
+- Baseline: the rainfall rule the training years pick, i.e. the 1-, 3- or 7-day sum that
+  ranks the training years' floods best (PR-AUC), ranking the test year by that raw sum.
 """
 
 from __future__ import annotations
@@ -24,28 +28,50 @@ from sklearn.pipeline import Pipeline
 
 from core.errors import DataError
 from core.observation import FIELD_NAMES
+from training.model import Candidate
 from training.result import Thresholds
+from training.selection import Standing, rain_monotone
 
 logger = logging.getLogger(__name__)
 
-TARGET_RECALL = 0.9
-TARGET_PRECISION = 0.5
-MIN_RECALL_AT_ALERT = 0.75
-MIN_LIFT_OVER_CHANCE = 2.0
+ALERT_BUDGET = 0.15
+CRITICAL_BUDGET = 0.03
+RULE_SUMS = {"rule_1d": "rainfall", "rule_3d": "rainfall_3d", "rule_7d": "rainfall_7d"}
 
-PipelineFactory = Callable[[], Pipeline]
 StepCallback = Callable[[str], None]
 
 
 @dataclass
-class Evaluation:
-    per_year: pd.DataFrame
-    oof_probability: np.ndarray  # out-of-year P(flood) for every row of the table
-    thresholds: Thresholds  # chosen on the pooled out-of-year predictions
-    baseline_cutoff_mm: float  # fitted on all labelled years, for the report
-    metrics: dict[str, float]
-    validation_passed: bool
-    validation_reason: str
+class CandidateEvaluation:
+    candidate: Candidate
+    per_year: pd.DataFrame  # one row per test year
+    oof_probability: np.ndarray  # out-of-year P(flood) for every row; NaN where a fold failed
+    thresholds: Thresholds  # by budget, on the pooled out-of-year predictions
+    metrics: dict[str, float]  # pooled out-of-year
+    monotone: bool
+    complete: bool
+    error: str = ""
+
+    def standing(self) -> Standing:
+        return Standing(
+            name=self.candidate.name,
+            complexity=self.candidate.complexity,
+            pr_auc=self.metrics["pr_auc"],
+            recall_alert=self.metrics["recall_alert"],
+            calibration_ratio=self.metrics["calibration_ratio"],
+            monotone=self.monotone,
+            complete=self.complete,
+        )
+
+
+@dataclass(frozen=True)
+class RuleBaseline:
+    """The rainfall rule the training years pick, scored out of year."""
+
+    picks: dict[int, str]  # test year -> rule picked on the other years
+    final: str  # the rule all labelled years pick
+    pr_auc: float  # pooled out-of-year
+    roc_auc: float
 
 
 def _safe(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, s: np.ndarray) -> float:
@@ -53,7 +79,7 @@ def _safe(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, s: n
     return float(metric(y, s)) if 0 < y.sum() < len(y) else math.nan
 
 
-def _precision_recall_at(y: np.ndarray, score: np.ndarray, cutoff: float) -> tuple[float, float]:
+def precision_recall_at(y: np.ndarray, score: np.ndarray, cutoff: float) -> tuple[float, float]:
     flagged = score >= cutoff
     hits = int((flagged & (y == 1)).sum())
     precision = hits / int(flagged.sum()) if flagged.any() else math.nan
@@ -61,206 +87,177 @@ def _precision_recall_at(y: np.ndarray, score: np.ndarray, cutoff: float) -> tup
     return precision, recall
 
 
-def score_model(y: np.ndarray, probability: np.ndarray, thresholds: Thresholds) -> dict[str, float]:
-    p_alert, r_alert = _precision_recall_at(y, probability, thresholds.alert)
-    p_crit, r_crit = _precision_recall_at(y, probability, thresholds.critical)
+def budget_threshold(probability: np.ndarray, budget: float) -> float:
+    """The lowest cut-off whose alert rate (share of rows at or above it) is within ``budget``."""
+    if len(probability) == 0:
+        raise DataError("cannot choose a threshold without predictions")
+    ordered = np.sort(probability)
+    values = np.unique(ordered)
+    rates = (len(ordered) - np.searchsorted(ordered, values, side="left")) / len(ordered)
+    within = values[rates <= budget]
+    if within.size:
+        return float(within.min())
+    # Even the highest value is shared by more rows than the budget allows: nothing alerts.
+    return float(np.nextafter(values[-1], np.inf))
+
+
+def choose_thresholds(
+    probability: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    alert_budget: float = ALERT_BUDGET,
+    critical_budget: float = CRITICAL_BUDGET,
+) -> Thresholds:
+    """Alert and Critical by their budgets; with labels, each level's recall beside its rate."""
+    if not 0 < critical_budget < alert_budget < 1:
+        raise ValueError(
+            f"need 0 < critical_budget < alert_budget < 1, got {critical_budget}, {alert_budget}"
+        )
+    alert = budget_threshold(probability, alert_budget)
+    critical = max(budget_threshold(probability, critical_budget), alert)
+    if critical == alert:  # ties at the cut-off: Critical starts just above Alert
+        critical = float(np.nextafter(alert, np.inf))
+    recall_alert = recall_critical = math.nan
+    if y is not None and y.sum():
+        recall_alert = precision_recall_at(y, probability, alert)[1]
+        recall_critical = precision_recall_at(y, probability, critical)[1]
+    return Thresholds(
+        alert=alert,
+        critical=critical,
+        rule=(
+            f"alert: lowest P with alert rate <= {alert_budget:.0%} of station-days; "
+            f"critical: the same for {critical_budget:.0%}"
+        ),
+        alert_rate=float(np.mean(probability >= alert)),
+        alert_recall=recall_alert,
+        critical_rate=float(np.mean(probability >= critical)),
+        critical_recall=recall_critical,
+    )
+
+
+def score_probability(
+    y: np.ndarray, probability: np.ndarray, thresholds: Thresholds, *, climatology: np.ndarray
+) -> dict[str, float]:
+    """Ranking, calibration and each level's rate, recall and precision on labelled rows.
+
+    ``climatology``: per row, the flood rate the model had to beat (its training years').
+    """
+    brier = float(brier_score_loss(y, probability)) if len(y) else math.nan
+    reference = float(np.mean((climatology - y) ** 2)) if len(y) else math.nan
+    p_alert, r_alert = precision_recall_at(y, probability, thresholds.alert)
+    p_crit, r_crit = precision_recall_at(y, probability, thresholds.critical)
+    flood_rate = float(y.mean()) if len(y) else math.nan
+    mean_p = float(probability.mean()) if len(y) else math.nan
     return {
         "pr_auc": _safe(average_precision_score, y, probability),
         "roc_auc": _safe(roc_auc_score, y, probability),
-        "brier": float(brier_score_loss(y, probability)) if len(y) else math.nan,
+        "brier": brier,
+        "bss": 1.0 - brier / reference if reference > 0 else math.nan,
+        "mean_p": mean_p,
+        "flood_rate": flood_rate,
+        "calibration_ratio": mean_p / flood_rate if flood_rate > 0 else math.nan,
+        "alert_rate": float(np.mean(probability >= thresholds.alert)),
         "recall_alert": r_alert,
         "precision_alert": p_alert,
+        "critical_rate": float(np.mean(probability >= thresholds.critical)),
         "recall_critical": r_crit,
         "precision_critical": p_crit,
     }
 
 
-def fit_rainfall_cutoff(rainfall: np.ndarray, y: np.ndarray) -> float:
-    """The single daily-rainfall cut-off with the best F1 (ties: the lower cut-off)."""
-    best_cutoff, best_f1 = float(rainfall.max()) + 1.0, -1.0
-    for cutoff in np.unique(rainfall):
-        precision, recall = _precision_recall_at(y, rainfall, float(cutoff))
-        if math.isnan(precision) or math.isnan(recall) or precision + recall == 0:
-            continue
-        f1 = 2 * precision * recall / (precision + recall)
-        if f1 > best_f1:
-            best_cutoff, best_f1 = float(cutoff), f1
-    return best_cutoff
-
-
-def score_baseline(y: np.ndarray, rainfall: np.ndarray, cutoff: float) -> dict[str, float]:
-    precision, recall = _precision_recall_at(y, rainfall, cutoff)
-    return {
-        "pr_auc": _safe(average_precision_score, y, rainfall),
-        "roc_auc": _safe(roc_auc_score, y, rainfall),
-        "recall": recall,
-        "precision": precision,
-        "cutoff_mm": cutoff,
-    }
-
-
-def choose_thresholds(
-    y: np.ndarray,
-    probability: np.ndarray,
-    *,
-    target_recall: float = TARGET_RECALL,
-    target_precision: float = TARGET_PRECISION,
-) -> Thresholds:
-    """Alert: the highest cut-off still catching ``target_recall`` of floods.
-    Critical: the lowest cut-off above Alert whose precision reaches ``target_precision``;
-    where none does, the cut-off above Alert with the best F1 (the rule says which)."""
-    if y.sum() == 0:
-        raise DataError("cannot choose thresholds without any flood in the validation data")
-    candidates = np.unique(probability)[::-1]  # high to low
-    alert = float(candidates[-1])
-    for cutoff in candidates:
-        _, recall = _precision_recall_at(y, probability, float(cutoff))
-        if recall >= target_recall:
-            alert = float(cutoff)
-            break
-    above = [float(c) for c in candidates[::-1] if c > alert]
-    critical, rule = None, ""
-    for cutoff in above:
-        precision, _ = _precision_recall_at(y, probability, cutoff)
-        if precision >= target_precision:
-            critical = cutoff
-            rule = f"alert: recall>={target_recall}; critical: precision>={target_precision}"
-            break
-    if critical is None:
-        best_f1 = -1.0
-        for cutoff in above:
-            precision, recall = _precision_recall_at(y, probability, cutoff)
-            f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-            if f1 > best_f1:
-                critical, best_f1 = cutoff, f1
-        rule = (
-            f"alert: recall>={target_recall}; critical: best F1 above alert "
-            f"(precision>={target_precision} not reachable on validation data)"
-        )
-    if critical is None:  # every validation probability is at or below alert
-        critical = min(1.0, alert + (1.0 - alert) / 2)
-        rule = f"alert: recall>={target_recall}; critical: midway between alert and 1"
-    return Thresholds(alert=alert, critical=critical, rule=rule)
-
-
-def predict_out_of_fold(
-    table: pd.DataFrame, groups: np.ndarray, make_pipeline: PipelineFactory
-) -> np.ndarray:
-    """P(flood) for every row from a model that never saw that row's group."""
-    probability = np.full(len(table), np.nan)
-    X, y = table.loc[:, list(FIELD_NAMES)], table["flood"].to_numpy()  # noqa: N806
-    for group in np.unique(groups):
-        test = groups == group
-        if y[~test].sum() == 0:
-            continue  # nothing to learn from; those rows stay NaN and are skipped by callers
-        pipeline = make_pipeline().fit(X[~test], y[~test])
-        probability[test] = pipeline.predict_proba(X[test])[:, 1]
-    return probability
-
-
-def _quarter_blocks(table: pd.DataFrame) -> np.ndarray:
-    return (table["year"].astype(str) + "Q" + table["date"].dt.quarter.astype(str)).to_numpy()
-
-
-def evaluate_by_year(
-    table: pd.DataFrame,
-    make_pipeline: PipelineFactory,
-    *,
-    on_step: StepCallback | None = None,
-) -> Evaluation:
+def labelled_years(table: pd.DataFrame) -> list[int]:
     years = sorted(int(y) for y in table["year"].unique())
     if len(years) < 2:
         raise DataError(f"time-based evaluation needs at least two labelled years, got {years}")
-    y_all = table["flood"].to_numpy()
-    oof = np.full(len(table), np.nan)
-    rows = []
+    return years
+
+
+def pick_rule(table: pd.DataFrame) -> str:
+    """The rain sum that ranks these rows' floods best (ties: the shorter window)."""
+    y = table["flood"].to_numpy()
+    scores = {name: _safe(average_precision_score, y, table[column].to_numpy())
+              for name, column in RULE_SUMS.items()}  # fmt: skip
+    return max(
+        RULE_SUMS, key=lambda name: (np.nan_to_num(scores[name], nan=-1.0), -list(RULE_SUMS).index(name))
+    )
+
+
+def evaluate_rule_baseline(table: pd.DataFrame) -> RuleBaseline:
+    years = labelled_years(table)
+    score = np.full(len(table), np.nan)
+    picks = {}
     for test_year in years:
-        if on_step:
-            on_step(f"train on {[y for y in years if y != test_year]}, test on {test_year}")
-        train = table[table["year"] != test_year].reset_index(drop=True)
-        test_mask = (table["year"] == test_year).to_numpy()
-        test = table[test_mask].reset_index(drop=True)
-        y_train, y_test = train["flood"].to_numpy(), test["flood"].to_numpy()
-        if y_train.sum() == 0:
+        test = (table["year"] == test_year).to_numpy()
+        picks[test_year] = pick_rule(table[~test])
+        score[test] = table.loc[test, RULE_SUMS[picks[test_year]]].to_numpy()
+    y = table["flood"].to_numpy()
+    return RuleBaseline(
+        picks=picks,
+        final=pick_rule(table),
+        pr_auc=_safe(average_precision_score, y, score),
+        roc_auc=_safe(roc_auc_score, y, score),
+    )
+
+
+def evaluate_candidate(
+    table: pd.DataFrame,
+    candidate: Candidate,
+    *,
+    n_estimators: int = 300,
+    seed: int = 0,
+    alert_budget: float = ALERT_BUDGET,
+    critical_budget: float = CRITICAL_BUDGET,
+) -> CandidateEvaluation:
+    """Leave-one-labelled-year-out for one candidate; rows must be sorted by date."""
+    years = labelled_years(table)
+    X, y = table.loc[:, list(FIELD_NAMES)], table["flood"].to_numpy()  # noqa: N806
+    oof = np.full(len(table), np.nan)
+    climatology = np.full(len(table), np.nan)
+    rows, monotone, errors = [], True, []
+    for test_year in years:
+        test = (table["year"] == test_year).to_numpy()
+        if y[~test].sum() == 0:
             raise DataError(f"no flood in the training part for test year {test_year}")
-
-        inner = predict_out_of_fold(train, _quarter_blocks(train), make_pipeline)
-        seen = ~np.isnan(inner)
-        fold_thresholds = choose_thresholds(y_train[seen], inner[seen])
-
-        pipeline = make_pipeline().fit(train.loc[:, list(FIELD_NAMES)], y_train)
-        probability = pipeline.predict_proba(test.loc[:, list(FIELD_NAMES)])[:, 1]
-        oof[test_mask] = probability
-
-        cutoff = fit_rainfall_cutoff(train["rainfall"].to_numpy(), y_train)
-        model = score_model(y_test, probability, fold_thresholds)
-        base = score_baseline(y_test, test["rainfall"].to_numpy(), cutoff)
+        try:
+            fitted: Pipeline = candidate.build(n_estimators=n_estimators, seed=seed).fit(X[~test], y[~test])
+        except Exception as exc:  # a family that cannot fit this fold is out of the race, not a crash
+            logger.warning("%s could not be fitted without %s: %s", candidate.name, test_year, exc)
+            errors.append(f"{test_year}: {exc}")
+            continue
+        monotone = monotone and rain_monotone(fitted)
+        fold_thresholds = choose_thresholds(
+            fitted.predict_proba(X[~test])[:, 1], alert_budget=alert_budget, critical_budget=critical_budget
+        )
+        probability = fitted.predict_proba(X[test])[:, 1]
+        oof[test] = probability
+        climatology[test] = y[~test].mean()
+        scores = score_probability(y[test], probability, fold_thresholds, climatology=climatology[test])
         rows.append(
             {
-                "split": f"train {'+'.join(str(y) for y in years if y != test_year)} -> test {test_year}",
+                "candidate": candidate.name,
                 "test_year": test_year,
-                "rows": len(test),
-                "flood_rows": int(y_test.sum()),
-                "flood_days": int(test.loc[test["flood"] == 1, "date"].nunique()),
+                "rows": int(test.sum()),
+                "flood_rows": int(y[test].sum()),
+                "flood_days": int(table.loc[test & (y == 1), "date"].nunique()),
                 "alert_threshold": fold_thresholds.alert,
                 "critical_threshold": fold_thresholds.critical,
-                **{f"model_{k}": v for k, v in model.items()},
-                **{f"baseline_{k}": v for k, v in base.items()},
+                **scores,
             }
         )
-
-    thresholds = choose_thresholds(y_all, oof)
-    pooled = score_model(y_all, oof, thresholds)
-    pooled_base = score_baseline(
-        y_all, table["rainfall"].to_numpy(), fit_rainfall_cutoff(table["rainfall"].to_numpy(), y_all)
+    seen = ~np.isnan(oof)
+    if not seen.any():
+        raise DataError(f"{candidate.name} could not be fitted in any fold: {'; '.join(errors)}")
+    thresholds = choose_thresholds(
+        oof[seen], y[seen], alert_budget=alert_budget, critical_budget=critical_budget
     )
-    per_year = pd.DataFrame(rows)
-    metrics: dict[str, float] = {
-        "prevalence": float(y_all.mean()),
-        **{f"oof_{k}": v for k, v in pooled.items()},
-        "baseline_oof_pr_auc": pooled_base["pr_auc"],
-        "baseline_oof_roc_auc": pooled_base["roc_auc"],
-        "beats_baseline": float(pooled["pr_auc"] >= pooled_base["pr_auc"]),
-    }
-    for row in rows:
-        year = row["test_year"]
-        for key in ("model_pr_auc", "baseline_pr_auc", "model_roc_auc", "model_brier",
-                    "model_recall_alert", "model_precision_alert", "baseline_recall",
-                    "baseline_precision"):  # fmt: skip
-            metrics[f"test_{year}_{key}"] = float(row[key])  # type: ignore[arg-type]
-
-    passed, reason = judge_validation(metrics)
-    return Evaluation(
-        per_year=per_year,
+    pooled = score_probability(y[seen], oof[seen], thresholds, climatology=climatology[seen])
+    return CandidateEvaluation(
+        candidate=candidate,
+        per_year=pd.DataFrame(rows),
         oof_probability=oof,
         thresholds=thresholds,
-        baseline_cutoff_mm=pooled_base["cutoff_mm"],
-        metrics=metrics,
-        validation_passed=passed,
-        validation_reason=reason,
+        metrics=pooled,
+        monotone=monotone,
+        complete=not errors,
+        error="; ".join(errors),
     )
-
-
-def judge_validation(metrics: dict[str, float]) -> tuple[bool, str]:
-    """A version may serve only if, on years it never saw, it ranks floods clearly better
-    than chance and its Alert level catches most of them.
-
-    Beating the rainfall rule is reported beside it (``beats_baseline``) rather than
-    required: with eleven flood days the rule often wins, and saying so is the honest part.
-    """
-    model, base = metrics["oof_pr_auc"], metrics["baseline_oof_pr_auc"]
-    chance = metrics["prevalence"]
-    recall = metrics["oof_recall_alert"]
-    problems = []
-    if not model >= MIN_LIFT_OVER_CHANCE * chance:
-        problems.append(f"out-of-year PR-AUC {model:.3f} < {MIN_LIFT_OVER_CHANCE}x prevalence {chance:.3f}")
-    if not recall >= MIN_RECALL_AT_ALERT:
-        problems.append(f"out-of-year recall at Alert {recall:.2f} < {MIN_RECALL_AT_ALERT}")
-    versus = "beats" if model >= base else "does NOT beat"
-    summary = (
-        f"out-of-year PR-AUC {model:.3f} (chance {chance:.3f}), recall at Alert {recall:.2f}; "
-        f"{versus} the rainfall baseline (PR-AUC {base:.3f})"
-    )
-    if problems:
-        return False, "; ".join(problems) + f" [{summary}]"
-    return True, summary

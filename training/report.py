@@ -1,59 +1,87 @@
-"""The per-year report people read: model beside the rainfall baseline, in Markdown."""
+"""The report people read: the leaderboard, the winner per year, thresholds and validation."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+import pandas as pd
 
 from training.result import TrainingResult
 
-_COLUMNS = (
+LEADERBOARD_COLUMNS = (
+    ("candidate", "candidate", ""),
+    ("PR-AUC", "pr_auc", ".3f"),
+    ("ROC-AUC", "roc_auc", ".3f"),
+    ("Brier", "brier", ".4f"),
+    ("BSS", "bss", ".3f"),
+    ("mean P / rate", "calibration_ratio", ".2f"),
+    ("alert rate", "alert_rate", ".3f"),
+    ("recall@Alert", "recall_alert", ".2f"),
+    ("recall@Critical", "recall_critical", ".2f"),
+    ("eligible", "eligible", ""),
+)
+PER_YEAR_COLUMNS = (
+    ("candidate", "candidate", ""),
     ("test year", "test_year", "d"),
     ("flood days / rows", None, ""),
-    ("PR-AUC model", "model_pr_auc", ".3f"),
-    ("PR-AUC rain", "baseline_pr_auc", ".3f"),
-    ("ROC-AUC model", "model_roc_auc", ".3f"),
-    ("ROC-AUC rain", "baseline_roc_auc", ".3f"),
-    ("Brier", "model_brier", ".4f"),
-    ("recall@Alert", "model_recall_alert", ".2f"),
-    ("prec@Alert", "model_precision_alert", ".3f"),
-    ("recall@Critical", "model_recall_critical", ".2f"),
-    ("prec@Critical", "model_precision_critical", ".3f"),
-    ("rain cut-off mm", "baseline_cutoff_mm", ".1f"),
-    ("recall rain", "baseline_recall", ".2f"),
-    ("prec rain", "baseline_precision", ".3f"),
+    ("PR-AUC", "pr_auc", ".3f"),
+    ("ROC-AUC", "roc_auc", ".3f"),
+    ("Brier", "brier", ".4f"),
+    ("BSS", "bss", ".3f"),
+    ("alert rate", "alert_rate", ".3f"),
+    ("recall@Alert", "recall_alert", ".2f"),
+    ("recall@Critical", "recall_critical", ".2f"),
 )
 
 
 def _cell(value: object, fmt: str) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return format(value, fmt) if fmt else str(value)
 
 
-def render_report(result: TrainingResult) -> str:
-    header = "| " + " | ".join(name for name, _, _ in _COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(_COLUMNS)]
-    for row in result.per_year.to_dict("records"):
+def markdown_table(frame: pd.DataFrame, columns: tuple[tuple[str, str | None, str], ...]) -> list[str]:
+    lines = ["| " + " | ".join(name for name, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame.to_dict("records"):
         cells = [
             f"{row['flood_days']} / {row['flood_rows']}" if key is None else _cell(row[key], fmt)
-            for _, key, fmt in _COLUMNS
+            for _, key, fmt in columns
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(result: TrainingResult, *, reports_dir: Path | None = None) -> str:
     m, t = result.metrics, result.thresholds
+    beats = m["oof_pr_auc"] > m["rule_oof_pr_auc"]
+    where = [f"Figures: {reports_dir}/ (and the MLflow run's plots/)."] if reports_dir else []
     return "\n".join(
         [
-            f"## Flood model evaluation ({result.data_source} data)",
+            f"## Flood model candidates ({result.data_source} data)",
             "",
-            "Time-based: each labelled year is scored by a model trained on the other years, at",
-            "thresholds chosen without it. Rain = the best single daily-rainfall cut-off on the",
-            "training part (its ranking score is the day's rainfall).",
+            "Each candidate is fitted and calibrated on all but one labelled year and scored on",
+            "that year; pooled below, per year further down. Alert and Critical are read off each",
+            "candidate's pooled out-of-year P by the alert budgets.",
             "",
-            *lines,
+            *markdown_table(result.leaderboard, LEADERBOARD_COLUMNS),
             "",
-            f"Pooled out-of-year: PR-AUC {m['oof_pr_auc']:.3f} vs rain {m['baseline_oof_pr_auc']:.3f}"
-            f" (chance {m['prevalence']:.3f}); ROC-AUC {m['oof_roc_auc']:.3f} vs rain"
-            f" {m['baseline_oof_roc_auc']:.3f}; recall@Alert {m['oof_recall_alert']:.2f}.",
-            f"Serving thresholds: Alert >= {t.alert:.4f}, Critical >= {t.critical:.4f} ({t.rule}).",
+            f"Selection (training/selection.py, fixed before results): {result.selection}.",
+            f"Beats the rule the training years pick (pooled PR-AUC {m['rule_oof_pr_auc']:.3f}): "
+            f"{'yes' if beats else 'no'}.",
+            "",
+            "### Every candidate per test year",
+            "",
+            *markdown_table(result.per_year, PER_YEAR_COLUMNS),
+            "",
+            f"Serving {result.candidate}: Alert >= {t.alert:.4f} (out of year: alert rate "
+            f"{t.alert_rate:.3f}, recall {t.alert_recall:.2f}), Critical >= {t.critical:.4f} "
+            f"(alert rate {t.critical_rate:.3f}, recall {t.critical_recall:.2f}); {t.rule}.",
+            f"Flood rate {m['prevalence']:.4f}; mean out-of-year P {m['oof_mean_p']:.4f} "
+            f"({m['oof_calibration_ratio']:.2f}x); Brier skill vs climatology {m['oof_bss']:.3f}.",
             f"Validation: {'passed' if result.validation_passed else 'FAILED'}: {result.validation_reason}.",
+            *where,
         ]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,20 @@ from sklearn.pipeline import Pipeline
 
 @dataclass(frozen=True)
 class Thresholds:
-    """P(flood) cut-offs for the risk levels: Safe < alert <= Alert < critical <= Critical."""
+    """P(flood) cut-offs for the risk levels: Safe < alert <= Alert < critical <= Critical.
+
+    Beside each cut-off, what it is expected to do, measured out of year when it was chosen:
+    the share of station-days at or above it (its alert rate) and the share of flood days
+    it catches (its recall). NaN where unknown (versions registered before they existed).
+    """
 
     alert: float
     critical: float
     rule: str  # how they were chosen, for people reading the registry
+    alert_rate: float = math.nan
+    alert_recall: float = math.nan
+    critical_rate: float = math.nan
+    critical_recall: float = math.nan
 
     def risk_level(self, probability: float) -> str:
         if probability >= self.critical:
@@ -31,6 +41,7 @@ class Thresholds:
             "threshold_alert": repr(self.alert),
             "threshold_critical": repr(self.critical),
             "threshold_rule": self.rule,
+            **{f"threshold_{name}": repr(getattr(self, name)) for name in _EXPECTED},
         }
 
     @classmethod
@@ -39,20 +50,42 @@ class Thresholds:
             alert=float(tags["threshold_alert"]),
             critical=float(tags["threshold_critical"]),
             rule=tags.get("threshold_rule", ""),
+            **{name: float(tags.get(f"threshold_{name}", "nan")) for name in _EXPECTED},
         )
+
+    def __eq__(self, other: object) -> bool:
+        # NaN (unknown) equals NaN here: a round trip through tags must compare equal.
+        if not isinstance(other, Thresholds):
+            return NotImplemented
+        return (self.alert, self.critical, self.rule) == (other.alert, other.critical, other.rule) and all(
+            _same(getattr(self, n), getattr(other, n)) for n in _EXPECTED
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.alert, self.critical, self.rule))
+
+
+_EXPECTED = ("alert_rate", "alert_recall", "critical_rate", "critical_recall")
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 @dataclass
 class TrainingResult:
-    pipeline: Pipeline  # FeatureBuilder -> RandomForestClassifier(n_jobs=1), fitted on all labelled years
+    pipeline: Pipeline  # the winner: FeatureBuilder -> calibrated classifier, fitted on all labelled years
     thresholds: Thresholds
     data_source: str  # "real" | "synthetic"
     params: dict[str, Any]
-    metrics: dict[str, float]  # flat, MLflow-loggable headline metrics
-    per_year: pd.DataFrame  # one row per (split, test year, scorer): model and baseline side by side
+    metrics: dict[str, float]  # flat, MLflow-loggable headline metrics of the winner
+    per_year: pd.DataFrame  # one row per (candidate, test year), every candidate
     validation_passed: bool
     validation_reason: str
     file_sha256: dict[str, str] = field(default_factory=dict)
     plots: dict[str, Path] = field(default_factory=dict)  # name -> PNG path
     input_example: pd.DataFrame | None = None
     report_markdown: str = ""
+    candidate: str = ""  # the winner's name (training.model.CANDIDATES)
+    leaderboard: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per candidate, pooled
+    selection: str = ""  # why the winner won, by training.selection's rules

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import skops.io as sio
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -75,3 +76,19 @@ def test_damaged_pipeline_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ModelIntegrityError):
         load_pipeline_file(path)
+
+
+def test_numeric_frame_converts_integers_and_refuses_the_rest() -> None:
+    from core.errors import DataError
+    from registry.pyfunc import numeric_frame
+
+    frame = numeric_frame(pd.DataFrame({"temperature": [28], "humidity": [85], "rainfall": [5]}))
+    assert list(frame.dtypes.unique()) == [np.dtype(np.float64)]
+    assert frame.loc[0, "rainfall"] == 5.0
+    base = {"temperature": [28], "humidity": [85], "rainfall": [5]}
+    with pytest.raises(DataError, match=r"unknown input columns \['rain'\]"):
+        numeric_frame(pd.DataFrame({**base, "rain": [3]}))
+    with pytest.raises(DataError, match=r"missing required input columns \['humidity'\]"):
+        numeric_frame(pd.DataFrame({"temperature": [28], "rainfall": [5]}))
+    with pytest.raises(DataError, match="'month' must hold numbers"):
+        numeric_frame(pd.DataFrame({**base, "month": [True]}))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 import registry
@@ -219,3 +220,38 @@ def test_model_pins_explicit_requirements_and_signature(settings: Settings, tmp_
         "wind_speed": False,
         "month": False,
     }
+
+
+def test_pyfunc_takes_integers_and_names_bad_columns(settings: Settings) -> None:
+    info = registry.log_training_run(labelled())
+    registry.promote_version(info.version)
+    model = mlflow.pyfunc.load_model(f"models:/{settings.flood_model_name}@champion")
+    typed = {"temperature": [28, 28, 28], "humidity": [85, 85, 85], "rainfall": [0, 5, 20]}
+    as_ints = model.predict(pd.DataFrame(typed))
+    as_floats = model.predict(pd.DataFrame(typed).astype(float))
+    np.testing.assert_array_equal(as_ints, as_floats)
+    assert as_ints.shape == (3,)
+    # A typo for a required column is refused by name (MLflow's schema check), ...
+    with pytest.raises(Exception, match="rainfall"):
+        model.predict(pd.DataFrame({"temperature": [28], "humidity": [85], "rain": [3]}))
+    # ... and so is a value that is not a number (ours: the signature types columns Any).
+    with pytest.raises(Exception, match="'rainfall' must hold numbers"):
+        model.predict(pd.DataFrame({**{k: v[:1] for k, v in typed.items()}, "rainfall": ["heavy"]}))
+
+
+def test_every_candidate_is_a_child_run_and_the_version_names_its_winner(settings: Settings) -> None:
+    result = labelled()
+    info = registry.log_training_run(result)
+    assert info.candidate == result.candidate
+    standings = registry.candidate_standings(info.version)
+    assert sorted(s.name for s in standings) == sorted(result.leaderboard["candidate"])
+    assert [s.name for s in standings if s.winner] == [result.candidate]
+    board = result.leaderboard.set_index("candidate")
+    for standing in standings:
+        assert standing.metrics["pr_auc"] == pytest.approx(float(board.loc[standing.name, "pr_auc"]))
+        years = {k.split("_")[1] for k in standing.metrics if k.startswith("test_")}
+        assert years == {"2022", "2023"}
+    # What each level is expected to do is stored beside its threshold.
+    assert info.thresholds == result.thresholds
+    assert 0 < info.thresholds.alert_rate <= 0.15
+    assert 0 < info.thresholds.critical_rate <= 0.03

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,43 +9,48 @@ import pytest
 from core.errors import DataError
 from training.data import Dataset
 from training.evaluation import (
-    _precision_recall_at,
+    budget_threshold,
     choose_thresholds,
-    evaluate_by_year,
-    fit_rainfall_cutoff,
+    evaluate_candidate,
+    evaluate_rule_baseline,
+    pick_rule,
+    precision_recall_at,
 )
-from training.model import build_pipeline
+from training.model import CANDIDATE_NAMES, get_candidate
 from training.result import Thresholds, TrainingResult
 
 
-def test_rainfall_cutoff_separates_a_clean_split() -> None:
-    rain = np.array([0, 2, 5, 8, 40, 60, 80, 10])
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 0])
-    assert fit_rainfall_cutoff(rain, y) == 40
+def test_budget_threshold_is_the_lowest_within_budget() -> None:
+    p = np.random.default_rng(0).random(1000)
+    t = budget_threshold(p, 0.15)
+    assert np.mean(p >= t) <= 0.15
+    lower = p[p < t].max()
+    assert np.mean(p >= lower) > 0.15
 
 
-def test_thresholds_meet_their_targets() -> None:
-    rng = np.random.default_rng(0)
-    y = (rng.random(2000) < 0.05).astype(int)
-    p = np.clip(0.3 * y + rng.random(2000) * 0.7, 0, 1)
-    t = choose_thresholds(y, p)
-    _, recall_alert = _precision_recall_at(y, p, t.alert)
-    precision_critical, _ = _precision_recall_at(y, p, t.critical)
-    assert recall_alert >= 0.9
-    assert t.critical > t.alert
-    assert precision_critical >= 0.5 or "not reachable" in t.rule
-    # the highest alert cut-off that keeps the recall target
-    higher = p[p > t.alert].min()
-    assert _precision_recall_at(y, p, float(higher))[1] < 0.9
+def test_budget_threshold_with_ties_alerts_on_nothing_rather_than_too_much() -> None:
+    p = np.full(100, 0.02)
+    t = budget_threshold(p, 0.15)
+    assert t > 0.02
+    assert np.mean(p >= t) == 0.0
 
 
-def test_thresholds_need_a_flood() -> None:
-    with pytest.raises(DataError, match="without any flood"):
-        choose_thresholds(np.zeros(10, dtype=int), np.linspace(0, 1, 10))
+def test_thresholds_keep_both_budgets_and_report_recall() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(3000) < 0.03).astype(int)
+    p = np.clip(0.2 * y + rng.random(3000) * 0.5, 0, 1)
+    t = choose_thresholds(p, y, alert_budget=0.15, critical_budget=0.03)
+    assert t.alert < t.critical
+    assert t.alert_rate == pytest.approx(np.mean(p >= t.alert)) and t.alert_rate <= 0.15
+    assert t.critical_rate == pytest.approx(np.mean(p >= t.critical)) and t.critical_rate <= 0.03
+    assert t.alert_recall == pytest.approx(precision_recall_at(y, p, t.alert)[1])
+    assert t.critical_recall <= t.alert_recall
+    with pytest.raises(ValueError, match="critical_budget < alert_budget"):
+        choose_thresholds(p, y, alert_budget=0.03, critical_budget=0.15)
 
 
-def test_risk_levels_follow_thresholds() -> None:
-    t = Thresholds(alert=0.2, critical=0.6, rule="r")
+def test_risk_levels_follow_thresholds_and_survive_tags() -> None:
+    t = Thresholds(alert=0.2, critical=0.6, rule="r", alert_rate=0.15, alert_recall=0.5)
     assert [t.risk_level(p) for p in (0.0, 0.2, 0.59, 0.6, 1.0)] == [
         "Safe",
         "Alert",
@@ -51,47 +58,92 @@ def test_risk_levels_follow_thresholds() -> None:
         "Critical",
         "Critical",
     ]
-    assert Thresholds.from_tags(t.as_tags()) == t
+    back = Thresholds.from_tags(t.as_tags())
+    assert back == t
+    assert math.isnan(back.critical_recall)
+    # Versions registered before rates existed still read, with the rates unknown.
+    old = Thresholds.from_tags({"threshold_alert": "0.2", "threshold_critical": "0.6"})
+    assert math.isnan(old.alert_rate)
 
 
 def test_test_year_labels_never_reach_its_own_thresholds(synthetic_dataset: Dataset) -> None:
     """Scrambling 2023's labels must not move the thresholds 2023 is scored at."""
-    make = lambda: build_pipeline(n_estimators=15)  # noqa: E731
     table = synthetic_dataset.table
     scrambled = table.copy()
     in_2023 = scrambled["year"] == 2023
     scrambled.loc[in_2023, "flood"] = np.random.default_rng(5).permutation(
         scrambled.loc[in_2023, "flood"].to_numpy()
     )
-    a = evaluate_by_year(table, make).per_year.set_index("test_year")
-    b = evaluate_by_year(scrambled, make).per_year.set_index("test_year")
+    candidate = get_candidate("forest_small")
+    a = evaluate_candidate(table, candidate, n_estimators=20).per_year.set_index("test_year")
+    b = evaluate_candidate(scrambled, candidate, n_estimators=20).per_year.set_index("test_year")
 
     def at(frame: pd.DataFrame, column: str) -> float:
         return float(frame.loc[2023, column])  # type: ignore[arg-type]
 
     assert at(a, "alert_threshold") == at(b, "alert_threshold")
     assert at(a, "critical_threshold") == at(b, "critical_threshold")
-    assert at(a, "model_pr_auc") != at(b, "model_pr_auc")
+    assert at(a, "pr_auc") != at(b, "pr_auc")
 
 
 def test_one_year_is_not_enough(synthetic_dataset: Dataset) -> None:
     one_year = synthetic_dataset.table[synthetic_dataset.table["year"] == 2022]
     with pytest.raises(DataError, match="two labelled years"):
-        evaluate_by_year(one_year, lambda: build_pipeline(n_estimators=5))
+        evaluate_candidate(one_year, get_candidate("rule_1d"))
 
 
-def test_training_result_reports_every_year_beside_the_baseline(synthetic_result: TrainingResult) -> None:
+def test_the_training_years_pick_the_rule_that_ranks_their_floods() -> None:
+    rain = np.array([0, 1, 2, 3, 50, 60, 0, 1, 2, 3, 70, 80], dtype=float)
+    table = pd.DataFrame(
+        {
+            "year": [2022] * 6 + [2023] * 6,
+            "rainfall": rain,
+            "rainfall_3d": rain[::-1].copy(),  # ranks floods worst
+            "rainfall_7d": rain[::-1].copy(),
+            "flood": [0, 0, 0, 0, 1, 1] * 2,
+        }
+    )
+    assert pick_rule(table) == "rule_1d"
+    baseline = evaluate_rule_baseline(table)
+    assert baseline.picks == {2022: "rule_1d", 2023: "rule_1d"}
+    assert baseline.pr_auc == pytest.approx(1.0)
+
+
+def test_training_reports_every_candidate_every_year(synthetic_result: TrainingResult) -> None:
     per_year = synthetic_result.per_year
-    assert sorted(per_year["test_year"]) == [2022, 2023]
-    for column in ("model_pr_auc", "baseline_pr_auc", "model_recall_alert", "baseline_recall"):
-        assert per_year[column].between(0, 1).all()
-    assert "| 2022 |" in synthetic_result.report_markdown
-    assert "| 2023 |" in synthetic_result.report_markdown
+    assert set(per_year["candidate"]) == set(CANDIDATE_NAMES)
+    assert (per_year.groupby("candidate")["test_year"].apply(sorted) == pd.Series([[2022, 2023]] * 7,
+            index=sorted(CANDIDATE_NAMES))).all()  # fmt: skip
+    for column in ("pr_auc", "roc_auc", "brier", "alert_rate", "recall_alert", "recall_critical"):
+        assert per_year[column].between(0, 1).all(), column
+    board = synthetic_result.leaderboard
+    assert sorted(board["candidate"]) == sorted(CANDIDATE_NAMES)
+    assert board["winner"].sum() == 1
+    assert board.loc[board["winner"], "candidate"].item() == synthetic_result.candidate
+    report = synthetic_result.report_markdown
+    for name in CANDIDATE_NAMES:
+        assert f"| {name} |" in report
+    assert "Selection (training/selection.py" in report
     assert synthetic_result.data_source == "synthetic"
+    assert set(synthetic_result.plots) == {"leaderboard", "precision_recall", "calibration"}
     for name, path in synthetic_result.plots.items():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert isinstance(synthetic_result.input_example, pd.DataFrame)
-    assert 0 < synthetic_result.thresholds.alert < synthetic_result.thresholds.critical <= 1
+
+
+def test_served_thresholds_keep_the_budgets_out_of_year(synthetic_result: TrainingResult) -> None:
+    t = synthetic_result.thresholds
+    assert 0 < t.alert < t.critical <= 1
+    assert 0 < t.alert_rate <= 0.15
+    assert 0 < t.critical_rate <= 0.03
+    assert synthetic_result.metrics["oof_alert_rate"] == pytest.approx(t.alert_rate)
+
+
+def test_probabilities_are_frequencies_out_of_year(synthetic_result: TrainingResult) -> None:
+    ratio = synthetic_result.metrics["oof_calibration_ratio"]
+    assert 0.5 <= ratio <= 2.0
+    # Better than always forecasting the training years' flood rate.
+    assert synthetic_result.metrics["oof_bss"] > 0
 
 
 def test_synthetic_model_validates(synthetic_result: TrainingResult) -> None:
