@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 ## run: set up, train on real data (synthetic if none), register, build its Bento, promote, serve it
 run: train key serve
 
-## train: a new version with its Bento built before it becomes champion
+## train: a new version with its Bento built before it becomes champion. Development only:
+## it promotes a synthetic or validation-failed winner too (the report says FAILED and why);
+## production (FLOOD_ENV=production) refuses both whatever the flags.
 train: $(STAMP)
-	$(BIN)/flood train --register --bento --promote --allow-synthetic
+	$(BIN)/flood train --register --bento --promote --allow-synthetic --allow-failed
 
 build: $(STAMP)
 	$(BIN)/flood bento build

@@ -32,6 +32,12 @@ def _number(value: float | None) -> str:
     return f"{value:.4f}"
 
 
+def _expected(rate: float, recall: float) -> str:
+    if math.isnan(rate):
+        return "-"
+    return f"alert rate {rate:.1%} of station-days, recall {recall:.0%} of flood days (out of year)"
+
+
 def _aliases(info: ModelVersionInfo) -> str:
     return ", ".join(info.aliases) or "-"
 
@@ -77,8 +83,11 @@ def show_command(version: int = typer.Argument(..., help="Version number.")) -> 
         "data source": info.data_source,
         "validation": info.validation_status,
         "validation reason": info.validation_reason or "-",
+        "candidate": info.candidate or "-",
         "threshold alert": _number(info.thresholds.alert),
+        "alert expected": _expected(info.thresholds.alert_rate, info.thresholds.alert_recall),
         "threshold critical": _number(info.thresholds.critical),
+        "critical expected": _expected(info.thresholds.critical_rate, info.thresholds.critical_recall),
         "threshold rule": info.thresholds.rule,
         "created (UTC)": info.created_at.isoformat(timespec="seconds"),
         "promoted at (UTC)": info.promoted_at.isoformat(timespec="seconds") if info.promoted_at else "-",
@@ -99,12 +108,30 @@ def show_command(version: int = typer.Argument(..., help="Version number.")) -> 
     console.print(metrics)
 
 
+# The leaderboard's columns: pooled out-of-year metrics of each candidate.
+CANDIDATE_METRICS = {
+    "pr_auc": "PR-AUC",
+    "roc_auc": "ROC-AUC",
+    "brier": "Brier",
+    "bss": "BSS",
+    "calibration_ratio": "P/rate",
+    "alert_rate": "alerts",
+    "recall_alert": "rec@Alert",
+    "recall_critical": "rec@Crit",
+}
+
+
 @app.command("compare")
 def compare_command(
-    a: int = typer.Argument(..., help="First version."),
-    b: int = typer.Argument(..., help="Second version."),
+    a: int | None = typer.Argument(None, help="A version (alone: its training run's candidates)."),
+    b: int | None = typer.Argument(None, help="Second version: compare the two versions' metrics."),
 ) -> None:
-    """Metrics of two versions side by side (delta = B - A)."""
+    """The candidates of a version's training run side by side (default: the newest
+    version), or, given two versions, their metrics side by side (delta = B - A)."""
+    if b is None:
+        _candidates_table(a)
+        return
+    assert a is not None  # typer fills positional arguments in order
     rows = registry.compare_versions(a, b)
     table = Table(title=f"v{a} vs v{b}")
     table.add_column("metric")
@@ -113,6 +140,31 @@ def compare_command(
     for row in rows:
         table.add_row(row.metric, _number(row.a), _number(row.b), _number(row.delta))
     Console().print(table)
+
+
+def _candidates_table(version: int | None) -> None:
+    if version is None:
+        versions = registry.list_versions()
+        if not versions:
+            raise typer.BadParameter("no registered versions yet (train one with `flood train`)")
+        version = versions[-1].version
+    standings = registry.candidate_standings(version)
+    console = Console()
+    if not standings:
+        console.print(f"v{version}'s training run logged no candidates (registered before candidates)")
+        return
+    table = Table(title=f"v{version}: candidates, pooled out-of-year (* = winner)", box=box.SIMPLE_HEAD)
+    table.add_column("candidate", no_wrap=True)
+    for column in CANDIDATE_METRICS.values():
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("eligible")
+    for s in standings:
+        table.add_row(
+            ("* " if s.winner else "  ") + s.name,
+            *(_number(s.metrics.get(m)) for m in CANDIDATE_METRICS),
+            "yes" if s.eligible else f"no: {s.note}",
+        )
+    console.print(table)
 
 
 @app.command("promote")

@@ -132,15 +132,9 @@ def log_candidate_runs(mlflow: Any, result: TrainingResult, experiment_id: str) 
         name = str(row["candidate"])
         metrics = finite_metrics({k: row[k] for k in metric_names})
         for year_row in result.per_year[result.per_year["candidate"] == name].to_dict("records"):
-            metrics.update(
-                finite_metrics(
-                    {
-                        f"test_{year_row['test_year']}_{k}": v
-                        for k, v in year_row.items()
-                        if k not in ("candidate", "test_year")
-                    }
-                )  # fmt: skip
-            )
+            year = year_row["test_year"]
+            scores = {k: v for k, v in year_row.items() if k not in ("candidate", "test_year")}
+            metrics.update(finite_metrics({f"test_{year}_{k}": v for k, v in scores.items()}))
         with mlflow.start_run(
             experiment_id=experiment_id,
             run_name=name,

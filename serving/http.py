@@ -330,6 +330,10 @@ class Edge:
                 alert=served.thresholds.alert,
                 critical=served.thresholds.critical,
                 rule=served.thresholds.rule,
+                **{
+                    name: None if math.isnan(value) else value
+                    for name, value in served.thresholds.expected().items()
+                },
             ),
             metrics=served.metrics,
         )

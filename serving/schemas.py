@@ -45,6 +45,11 @@ class ThresholdsOut(BaseModel):
     alert: float
     critical: float
     rule: str
+    # Measured out of year when the thresholds were chosen; null for older versions.
+    alert_rate: float | None = Field(None, description="share of station-days at or above Alert")
+    alert_recall: float | None = Field(None, description="share of flood days at or above Alert")
+    critical_rate: float | None = Field(None, description="share of station-days at or above Critical")
+    critical_recall: float | None = Field(None, description="share of flood days at or above Critical")
 
 
 class ModelInfoOut(BaseModel):

@@ -124,7 +124,7 @@ def load_dataset(data_dir: Path) -> Dataset:
         len(table),
         int(table["flood"].sum()),
         table.loc[table["flood"] == 1, "date"].nunique(),
-        sorted(table["year"].unique()),
+        sorted(int(y) for y in table["year"].unique()),
     )
     return Dataset(table=table.reset_index(drop=True), data_source="real", file_sha256=files)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -43,7 +44,7 @@ def plot_precision_recall(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, probability in probabilities.items():
         precision, recall, _ = precision_recall_curve(y, probability)
-        style = {"linewidth": 2.5} if name == winner else {"linewidth": 1, "alpha": 0.6}
+        style: dict[str, Any] = {"linewidth": 2.5} if name == winner else {"linewidth": 1, "alpha": 0.6}
         ax.step(
             recall, precision, where="post", label=name + (" (winner)" if name == winner else ""), **style
         )

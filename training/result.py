@@ -53,6 +53,10 @@ class Thresholds:
             **{name: float(tags.get(f"threshold_{name}", "nan")) for name in _EXPECTED},
         )
 
+    def expected(self) -> dict[str, float]:
+        """Each level's out-of-year alert rate and recall (NaN: unknown)."""
+        return {name: getattr(self, name) for name in _EXPECTED}
+
     def __eq__(self, other: object) -> bool:
         # NaN (unknown) equals NaN here: a round trip through tags must compare equal.
         if not isinstance(other, Thresholds):

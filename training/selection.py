@@ -155,7 +155,8 @@ def judge_validation(
     problems = list(winner.problems)
     if not winner.pr_auc >= MIN_LIFT_OVER_CHANCE * prevalence:
         problems.append(
-            f"out-of-year PR-AUC {winner.pr_auc:.3f} < {MIN_LIFT_OVER_CHANCE}x the flood rate {prevalence:.3f}"
+            f"out-of-year PR-AUC {winner.pr_auc:.3f} < {MIN_LIFT_OVER_CHANCE}x "
+            f"the flood rate {prevalence:.3f}"
         )
     if is_picked_rule:
         versus = f"it is the rule the training years pick ({rule_name})"

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.pipeline import Pipeline
 
 from core.observation import FIELD_NAMES
 from training.data import Dataset, load_dataset
@@ -19,13 +20,13 @@ from training.selection import RAIN_GRID, behaviour_grid, rain_monotone
 TREE_FAMILIES = ("forest_small", "boosting_monotone", "forest")
 
 
-def assert_more_rain_never_lowers_risk(pipeline: object) -> None:
-    probability = pipeline.predict_proba(behaviour_grid())[:, 1]  # type: ignore[attr-defined]
+def assert_more_rain_never_lowers_risk(pipeline: Pipeline) -> None:
+    probability = pipeline.predict_proba(behaviour_grid())[:, 1]
     curves = probability.reshape(-1, len(RAIN_GRID))
     assert np.all(np.diff(curves, axis=1) >= -1e-12), "P(flood) fell as rainfall rose"
     # and the property is not vacuous: rain does move the risk somewhere on the grid
     assert np.ptp(curves, axis=1).max() > 0.1
-    assert rain_monotone(pipeline)  # type: ignore[arg-type]
+    assert rain_monotone(pipeline)
 
 
 @pytest.mark.parametrize("name", CANDIDATE_NAMES)
