@@ -30,7 +30,11 @@ def plot_leaderboard(leaderboard: pd.DataFrame, *, rule_pr_auc: float, path: Pat
     left.axvline(
         rule_pr_auc, color="black", linestyle="--", label=f"rule the training years pick ({rule_pr_auc:.3f})"
     )
-    left.set(xlabel="PR-AUC (pooled out-of-year)", xlim=(0, 1))
+    # Scaled to the data: PR-AUCs near the flood rate would be slivers on a 0-1 axis.
+    left.set(
+        xlabel="PR-AUC (pooled out-of-year)",
+        xlim=(0, min(1.0, 1.25 * max(frame["pr_auc"].max(), rule_pr_auc))),
+    )
     left.legend(loc="lower right", fontsize=8)
     right.barh(frame["candidate"], frame["recall_alert"], color=colours)
     right.set(xlabel="recall at Alert (pooled out-of-year)", xlim=(0, 1))
@@ -60,7 +64,7 @@ def plot_calibration(y: np.ndarray, probability: np.ndarray, thresholds: Thresho
     fig, ax = plt.subplots(figsize=(6, 4.5))
     bins = max(2, min(10, int(y.sum())))
     observed, predicted = calibration_curve(y, probability, n_bins=bins, strategy="quantile")
-    top = max(0.05, float(max(predicted.max(), observed.max())) * 1.1)
+    top = 1.1 * max(0.05, float(predicted.max()), float(observed.max()), thresholds.critical)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
     ax.plot(predicted, observed, marker="o", label="winner (out-of-year, quantile bins)")
     for value, name in ((thresholds.alert, "Alert"), (thresholds.critical, "Critical")):

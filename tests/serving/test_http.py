@@ -173,7 +173,11 @@ def test_model_route_reports_the_pinned_version(client: TestClient, backend: Loc
         "alert": served.thresholds.alert,
         "critical": served.thresholds.critical,
         "rule": served.thresholds.rule,
+        **served.thresholds.expected(),
     }
+    # What each level is expected to do out of year, stored with the version.
+    assert 0 < body["thresholds"]["alert_rate"] <= 0.15
+    assert 0 < body["thresholds"]["critical_rate"] <= 0.03
     assert body["data_source"] == served.data_source and body["metrics"] == served.metrics
     assert body["engine"] == "onnxruntime"
 
