@@ -49,7 +49,7 @@ class BenchModel:
     model_dir: Path  # the BentoML model directory (pipeline + model.onnx)
     pipeline_sha256: str
     engine: str  # what the Bento and the ceiling run: "onnxruntime" or "sklearn"
-    forest: dict[str, Any]
+    facts: dict[str, Any]  # model_facts
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -71,17 +71,26 @@ def complete_rows(n: int, *, seed: int) -> pd.DataFrame:
     return frame.round(2)
 
 
-def forest_facts(pipeline: Pipeline) -> dict[str, Any]:
-    forest = pipeline.named_steps["model"]
-    trees = [estimator.tree_ for estimator in forest.estimators_]
+def model_facts(pipeline: Pipeline) -> dict[str, Any]:
+    """The served family and, for tree ensembles, their size (what ONNX and sklearn walk)."""
+    model = pipeline.named_steps["model"]
+    if hasattr(model, "calibrated_classifiers_"):  # the recalibrated v1 forest
+        model = model.calibrated_classifiers_[0].estimator
+    facts: dict[str, Any] = {
+        "family": type(model).__name__,
+        "features": int(model.n_features_in_),
+        "raw_fields": len(FIELD_NAMES),
+    }
+    trees = [estimator.tree_ for estimator in getattr(model, "estimators_", [])]
+    if not trees:  # not a forest: logistic, boosting
+        return {**facts, "trees": 0, "node_count": 0, "leaf_count": 0, "max_depth": 0, "mean_depth": 0.0}
     return {
+        **facts,
         "trees": len(trees),
         "node_count": int(sum(t.node_count for t in trees)),
         "leaf_count": int(sum(t.n_leaves for t in trees)),
         "max_depth": int(max(t.max_depth for t in trees)),
         "mean_depth": round(float(np.mean([t.max_depth for t in trees])), 2),
-        "features": int(forest.n_features_in_),
-        "raw_fields": len(FIELD_NAMES),
     }
 
 
@@ -106,7 +115,7 @@ def train_stress(spec: ForestSpec) -> TrainingResult:
         random_state=spec.seed,
     )
     pipeline = Pipeline([("features", FeatureBuilder()), ("model", forest)]).fit(frame, label)
-    facts = forest_facts(pipeline)
+    facts = model_facts(pipeline)
     per_year = pd.DataFrame([{"split": "none", "note": "benchmark stress forest, not evaluated"}])
     return TrainingResult(
         pipeline=pipeline,
@@ -162,5 +171,5 @@ def register_and_build(kind: str, result: TrainingResult, *, settings: Settings,
         model_dir=model_dir,
         pipeline_sha256=served.pipeline_sha256,
         engine=engine_for(model_dir),
-        forest=forest_facts(result.pipeline),
+        facts=model_facts(result.pipeline),
     )

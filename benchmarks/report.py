@@ -97,15 +97,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"at end {meta.get('loadavg_end')}. Load: wrk {meta['wrk']}, {meta['duration_s']} s per run "
         f"after {meta['warmup_s']} s warm-up; batch route = {meta['batch_rows']} rows per request.",
         "",
-        "| model | versions / trees / nodes / depth | engine |",
+        "| model | version / family / trees / nodes / depth | engine |",
         "|---|---|---|",
     ]
     for kind, model in result["models"].items():
-        forest = model["forest"]
+        facts = model["facts"]
         lines.append(
-            f"| {kind} | v{model['version']} ({model['data_source']}) / {forest['trees']} / "
-            f"{forest['node_count']:,} / {forest['max_depth']} (features {forest['features']}) | "
-            f"{model['engine']} |"
+            f"| {kind} | v{model['version']} ({model['data_source']}) / {facts['family']} / "
+            f"{facts['trees']} / {facts['node_count']:,} / {facts['max_depth']} "
+            f"(features {facts['features']}) | {model['engine']} |"
         )
     lines += ["", "Peers:", ""]
     for name, peer in result["peers"].items():
