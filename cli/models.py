@@ -161,10 +161,15 @@ def _candidates_table(version: int | None) -> None:
     for s in standings:
         table.add_row(
             ("* " if s.winner else "  ") + s.name,
-            *(_number(s.metrics.get(m)) for m in CANDIDATE_METRICS),
+            *(_short(s.metrics.get(m), digits=4 if m == "brier" else 3) for m in CANDIDATE_METRICS),
             "yes" if s.eligible else f"no: {s.note}",
         )
-    console.print(table)
+    # Wide enough for every column even when piped (rich assumes 80 columns then).
+    Console(width=max(console.width, 120)).print(table)
+
+
+def _short(value: float | None, *, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 @app.command("promote")

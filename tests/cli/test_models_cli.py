@@ -54,6 +54,19 @@ def test_list_show_compare_promote_rollback(settings: Settings) -> None:
     for metric in registry.get_version(1).metrics:
         assert metric in compared.output
 
+    # One version: its training run's candidates, the winner marked, in the leaderboard's order.
+    leaderboard = labelled(seed=0).leaderboard
+    candidates = runner.invoke(app, ["models", "compare", "2"])
+    assert candidates.exit_code == 0, candidates.output
+    rows = [line.split() for line in candidates.output.splitlines()]
+    known = set(leaderboard["candidate"])
+    assert [cell for row in rows for cell in row[:2] if cell in known] == list(leaderboard["candidate"])
+    winner = leaderboard.loc[leaderboard["winner"], "candidate"].item()
+    assert any(r[:2] == ["*", winner] for r in rows)
+    shown = runner.invoke(app, ["models", "show", "2"])
+    assert f"candidate:           {winner}" in shown.output
+    assert "alert expected:      alert rate" in shown.output
+
     rolled = runner.invoke(app, ["models", "rollback"])
     assert rolled.exit_code == 0, rolled.output
     assert rolled.output.strip() == f"champion: {settings.flood_model_name} v1 (rolled back from v2)"
