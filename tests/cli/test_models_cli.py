@@ -58,11 +58,11 @@ def test_list_show_compare_promote_rollback(settings: Settings) -> None:
     leaderboard = labelled(seed=0).leaderboard
     candidates = runner.invoke(app, ["models", "compare", "2"])
     assert candidates.exit_code == 0, candidates.output
-    rows = [line.split() for line in candidates.output.splitlines()]
+    table = [line.split() for line in candidates.output.splitlines()]
     known = set(leaderboard["candidate"])
-    assert [cell for row in rows for cell in row[:2] if cell in known] == list(leaderboard["candidate"])
+    assert [cell for row in table for cell in row[:2] if cell in known] == list(leaderboard["candidate"])
     winner = leaderboard.loc[leaderboard["winner"], "candidate"].item()
-    assert any(r[:2] == ["*", winner] for r in rows)
+    assert ["*", winner] in [row[:2] for row in table]
     shown = runner.invoke(app, ["models", "show", "2"])
     assert f"candidate:           {winner}" in shown.output
     assert "alert expected:      alert rate" in shown.output
