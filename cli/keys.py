@@ -50,22 +50,35 @@ def list_command(
     show_all: bool = typer.Option(False, "--all", help="Include revoked and expired keys."),
 ) -> None:
     """Keys with their status; never the keys themselves."""
-    keys = ApiKeyStore().list_keys(include_inactive=show_all)
     # Plain columns, name last: readable in a narrow terminal and easy to grep or cut.
-    row = "{:<17} {:<9} {:<10} {:<20} {:<20} {:<17} {}"
-    typer.echo(row.format("ID", "STATUS", "TIER", "CREATED", "EXPIRES", "ROTATED TO", "NAME"))
+    store = ApiKeyStore()
+    keys = store.list_keys(include_inactive=show_all)
+    # SECRET: which configured secret verifies the key; "none" means it can no longer work.
+    row = "{:<17} {:<9} {:<10} {:<10} {:<20} {:<20} {:<17} {}"
+    typer.echo(row.format("ID", "STATUS", "SECRET", "TIER", "CREATED", "EXPIRES", "ROTATED TO", "NAME"))
     now = datetime.now(UTC)
+    unverifiable = 0
     for info in keys:
+        label = store.secret_label(info)
+        unverifiable += label == "none" and info.status(now) in ("active", "rotating")
         typer.echo(
             row.format(
                 info.key_id,
                 info.status(now),
+                label,
                 info.tier,
                 _when(info.created_at),
                 _when(info.expires_at),
                 info.rotated_to or "-",
                 info.name,
             )
+        )
+    if unverifiable:
+        typer.secho(
+            f"{unverifiable} active key(s) were hashed under a secret that is no longer configured: "
+            "they are refused; put that secret in SECRET_KEY_PREVIOUS or issue new keys",
+            err=True,
+            fg="yellow",
         )
 
 

@@ -9,6 +9,7 @@ FLOOD_HOME, no Redis, no broker.
 from __future__ import annotations
 
 import functools
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
     flood_data_dir: Path = Path("../shared/data")
 
     secret_key: SecretStr | None = None
+    # A rotation's overlap: keys hashed under these still verify (and are re-hashed under
+    # SECRET_KEY on first use) until SECRET_KEY_PREVIOUS_UNTIL. JSON list of secrets.
+    secret_key_previous: list[SecretStr] = Field(default_factory=list)
+    secret_key_previous_until: datetime | None = None
     database_url: str | None = None
     redis_url: str | None = None
     require_model_signature: bool = False
@@ -87,6 +92,14 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @property
+    def previous_secrets(self) -> list[bytes]:
+        """SECRET_KEY_PREVIOUS while its window lasts, else nothing."""
+        until = self.secret_key_previous_until
+        if until is not None and (until if until.tzinfo else until.replace(tzinfo=UTC)) <= datetime.now(UTC):
+            return []
+        return [secret.get_secret_value().encode() for secret in self.secret_key_previous]
 
     @property
     def is_production(self) -> bool:

@@ -94,6 +94,14 @@ def find_config_problems(
     secret = _secret_problem(settings)
     if secret is not None:
         problems.append(secret)
+    if settings.secret_key_previous and settings.secret_key_previous_until is None:
+        problems.append(
+            ConfigProblem(
+                "SECRET_KEY_PREVIOUS_UNTIL",
+                "not set, so keys hashed under the previous secret would verify forever",
+                "set it to the end of the rotation window, e.g. 2026-12-09T00:00:00Z",
+            )
+        )
     if settings.auth_bypass_enabled:
         problems.append(
             ConfigProblem(

@@ -4,6 +4,12 @@ A key looks like ``fnq_<12 hex>_<43 url-safe chars>``. The first two parts are t
 prefix (lookup index and the id shown by ``flood keys list``); the 43 characters carry 256
 random bits. The database holds HMAC-SHA256(SECRET_KEY, key), never the key.
 
+Rotating SECRET_KEY overlaps: with the old secret in SECRET_KEY_PREVIOUS, a key hashed
+under it still verifies until SECRET_KEY_PREVIOUS_UNTIL, and its first verification
+re-hashes it under SECRET_KEY. Each row records which secret made its hash (``secret_id``,
+a fingerprint, not the secret), so ``flood keys list`` can say which keys no configured
+secret verifies any more.
+
 Verification results are cached in-process for ``API_KEY_CACHE_SECONDS`` (default 10 s),
 keyed by the HMAC digest, so a revocation takes effect on every worker within that time.
 Expiry is checked on every call against the cached record, so it is exact.
@@ -86,6 +92,11 @@ def hash_key(raw_key: str, secret: bytes) -> str:
     return hmac.new(secret, raw_key.encode(), hashlib.sha256).hexdigest()
 
 
+def secret_id(secret: bytes) -> str:
+    """A public fingerprint of a secret: which one hashed a key, without revealing it."""
+    return hmac.new(secret, b"floodingnaque api-key secret id", hashlib.sha256).hexdigest()[:12]
+
+
 def extract_api_key(headers: Mapping[str, str]) -> str | None:
     """The key from ``X-API-Key`` or ``Authorization: Bearer`` (BentoML's client sends the
     latter). ``headers`` must look up case-insensitively, as HTTP frameworks' do."""
@@ -110,6 +121,7 @@ class ApiKeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     rotated_to: str | None
+    secret_id: str | None = None  # which secret hashed it (``secret_id``); None: not recorded yet
 
     @classmethod
     def from_row(cls, row: ApiKey) -> ApiKeyInfo:
@@ -121,6 +133,7 @@ class ApiKeyInfo:
             expires_at=_aware(row.expires_at) if row.expires_at else None,
             revoked_at=_aware(row.revoked_at) if row.revoked_at else None,
             rotated_to=row.rotated_to,
+            secret_id=row.secret_id,
         )
 
     def status(self, now: datetime | None = None) -> str:
@@ -155,12 +168,16 @@ class ApiKeyStore:
         *,
         session_factory: sessionmaker[Session] | None = None,
         secret: bytes | None = None,
+        previous_secrets: list[bytes] | None = None,
         cache_seconds: float | None = None,
         settings: Settings | None = None,
     ) -> None:
         self._settings = settings or get_settings()
         self._sessions = session_factory or get_session_factory(self._settings.effective_database_url)
         self._secret = secret if secret is not None else resolve_secret_key(self._settings)
+        self._secret_id = secret_id(self._secret)
+        self._previous = self._settings.previous_secrets if previous_secrets is None else previous_secrets
+        self._previous_ids = {secret_id(s) for s in self._previous}
         self._cache_seconds = self._settings.api_key_cache_seconds if cache_seconds is None else cache_seconds
         self._stale_seconds = self._settings.api_key_stale_seconds
         # digest -> (fresh until, usable during an outage until, info); monotonic seconds
@@ -181,6 +198,7 @@ class ApiKeyStore:
         row = ApiKey(
             prefix=prefix,
             key_hash=hash_key(raw_key, self._secret),
+            secret_id=self._secret_id,
             name=name.strip(),
             tier=tier,
             created_at=datetime.now(UTC),
@@ -201,6 +219,16 @@ class ApiKeyStore:
             return infos
         now = datetime.now(UTC)
         return [info for info in infos if info.status(now) in ("active", "rotating")]
+
+    def secret_label(self, info: ApiKeyInfo) -> str:
+        """Which configured secret verifies the key: ``current``, ``previous`` (re-hashed on
+        first use), ``none`` (no configured secret: the key cannot work) or ``unrecorded``
+        (issued before secrets were recorded; recorded on its next verification)."""
+        if info.secret_id is None:
+            return "unrecorded"
+        if info.secret_id == self._secret_id:
+            return "current"
+        return "previous" if info.secret_id in self._previous_ids else "none"
 
     def revoke_key(self, key_id: str) -> ApiKeyInfo:
         with self._sessions.begin() as session:
@@ -303,7 +331,17 @@ class ApiKeyStore:
                 row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
                 # Constant-time: timing must not tell how much of a guessed hash matched.
                 matched = row is not None and hmac.compare_digest(row.key_hash, digest)
+                if row is not None and not matched and self._previous:
+                    matched = any(
+                        hmac.compare_digest(row.key_hash, hash_key(raw_key, old)) for old in self._previous
+                    )
                 info = ApiKeyInfo.from_row(row) if row is not None and matched else None
+                if (
+                    row is not None
+                    and matched
+                    and (row.key_hash != digest or row.secret_id != self._secret_id)
+                ):
+                    info = self._rehash(session, row, digest) or info
         except SQLAlchemyError as exc:
             # A database outage must not turn every request into a 500 with a stack trace;
             # verify_key falls back to the last known state of keys it has seen.
@@ -317,6 +355,19 @@ class ApiKeyStore:
             self._db_down_until = 0.0
             logger.warning("API key lookups reach the database again")
         return info
+
+    def _rehash(self, session: Session, row: ApiKey, digest: str) -> ApiKeyInfo | None:
+        """Move a verified key to the current secret; a failed write leaves it for next time."""
+        prefix = row.prefix
+        row.key_hash, row.secret_id = digest, self._secret_id
+        try:
+            session.commit()
+        except SQLAlchemyError as exc:  # e.g. a read-only replica: the key still verified
+            session.rollback()
+            logger.warning("API key %s not re-hashed (%s); it still verifies", prefix, exc.__class__.__name__)
+            return None
+        logger.info("API key %s now hashed under the current SECRET_KEY", prefix)
+        return ApiKeyInfo.from_row(row)
 
     def _remember(self, digest: str, info: ApiKeyInfo | None, now_mono: float) -> None:
         if self._cache_seconds <= 0:

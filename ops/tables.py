@@ -26,6 +26,8 @@ class ApiKey(Base):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     rotated_to: Mapped[str | None] = mapped_column(String(32))
+    # ops.keys.secret_id of the SECRET_KEY the hash was made with; NULL before revision 0002.
+    secret_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class PredictionLogRow(Base):

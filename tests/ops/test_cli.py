@@ -23,14 +23,16 @@ def invoke(*args: str) -> str:
 
 
 def test_db_upgrade_then_key_lifecycle() -> None:
-    assert "revision 0001" in invoke("db", "upgrade")
-    assert "database: 0001" in invoke("db", "current")
+    assert "revision 0002" in invoke("db", "upgrade")
+    assert "database: 0002" in invoke("db", "current")
 
     created = invoke("keys", "create", "--name", "barangay-ops", "--tier", "basic")
     (raw_key,) = KEY_RE.findall(created)
     key_id = raw_key[:16]
     listing = invoke("keys", "list")
     assert key_id in listing and "barangay-ops" in listing and raw_key not in listing
+    (row,) = [line.split() for line in listing.splitlines() if line.startswith(key_id)]
+    assert row[1:3] == ["active", "current"]  # status, and the secret that verifies it
 
     rotated = invoke("keys", "rotate", key_id, "--grace-hours", "2")
     (new_key,) = KEY_RE.findall(rotated)

@@ -197,3 +197,65 @@ def test_production_refuses_a_missing_secret(monkeypatch: pytest.MonkeyPatch) ->
     get_settings.cache_clear()
     with pytest.raises(ConfigurationError, match="SECRET_KEY"):
         resolve_secret_key()
+
+
+NEW_SECRET = b"n" * 16 + b"fedcba9876543210-new-secret!"
+
+
+def test_secret_rotation_overlaps_then_moves_keys_to_the_new_secret(database_url: str) -> None:
+    """SECRET_KEY rotation without an outage: old keys keep working inside the window and
+    move to the new secret on first use, so they outlive the old secret's removal."""
+    sessions = get_session_factory(database_url)
+    old_store = ApiKeyStore(session_factory=sessions, secret=SECRET, cache_seconds=0)
+    old_keys = [old_store.create_key(f"client-{i}", "free").raw_key for i in range(20)]
+    used, unused = old_keys[:15], old_keys[15:]
+
+    rotating = ApiKeyStore(
+        session_factory=sessions, secret=NEW_SECRET, previous_secrets=[SECRET], cache_seconds=0
+    )
+    assert {rotating.secret_label(info) for info in rotating.list_keys()} == {"previous"}
+    rejected = [k for k in used if _refused(rotating, k)]
+    assert rejected == [], f"{len(rejected)} old keys refused inside the window"
+    new_key = rotating.create_key("after-rotation", "pro").raw_key
+    labels = {info.name: rotating.secret_label(info) for info in rotating.list_keys()}
+    assert {labels[f"client-{i}"] for i in range(15)} == {"current"}  # re-hashed on first use
+    assert {labels[f"client-{i}"] for i in range(15, 20)} == {"previous"}
+    assert labels["after-rotation"] == "current"
+
+    # The window ends: the old secret is gone. Used keys were moved, unused ones are flagged.
+    after = ApiKeyStore(session_factory=sessions, secret=NEW_SECRET, previous_secrets=[], cache_seconds=0)
+    assert all(after.verify_key(k) for k in [*used, new_key])
+    assert {reason_of(after, k) for k in unused} == {"unknown"}
+    assert {
+        after.secret_label(info) for info in after.list_keys() if info.name in ("client-15", "client-19")
+    } == {"none"}
+
+
+def _refused(store: ApiKeyStore, raw_key: str) -> bool:
+    try:
+        store.verify_key(raw_key)
+    except AuthenticationError:
+        return True
+    return False
+
+
+def test_previous_secrets_end_with_their_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_KEY_PREVIOUS", '["' + "o" * 40 + '"]')
+    monkeypatch.setenv("SECRET_KEY_PREVIOUS_UNTIL", (datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    get_settings.cache_clear()
+    assert get_settings().previous_secrets == [b"o" * 40]
+    monkeypatch.setenv("SECRET_KEY_PREVIOUS_UNTIL", (datetime.now(UTC) - timedelta(seconds=1)).isoformat())
+    get_settings.cache_clear()
+    assert get_settings().previous_secrets == []
+    get_settings.cache_clear()
+
+
+def test_keys_issued_before_secret_ids_are_recorded_on_next_use(
+    store: ApiKeyStore, database_url: str
+) -> None:
+    issued = store.create_key("legacy", "free")
+    with get_session_factory(database_url).begin() as session:
+        session.execute(text("UPDATE api_keys SET secret_id = NULL"))
+    assert store.secret_label(store.list_keys()[0]) == "unrecorded"
+    store.verify_key(issued.raw_key)
+    assert store.secret_label(store.list_keys()[0]) == "current"
