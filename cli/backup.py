@@ -1,4 +1,8 @@
-"""``flood backup ...``: backups of the ops database (the same functions the Celery tasks call)."""
+"""``flood backup ...``: backups of the ops database (the same functions the Celery tasks call).
+
+Each command imports ``ops.backup`` itself: SQLAlchemy, Alembic and prometheus_client are
+not worth loading for ``flood --help``.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
-
-from ops.backup import (
-    backup_summary,
-    cleanup_backups,
-    list_backups,
-    resolve_backup,
-    restore_backup,
-    run_backup,
-    verify_backup,
-)
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -25,7 +19,9 @@ def run_command(
     schema_only: bool = typer.Option(False, "--schema-only", help="Tables and indexes, no rows."),
 ) -> None:
     """Back up DATABASE_URL into FLOOD_HOME/backups, with a manifest beside the file."""
-    manifest = run_backup(kind="schema" if schema_only else "full")
+    from ops import backup
+
+    manifest = backup.run_backup(kind="schema" if schema_only else "full")
     rows = ", ".join(f"{table}={count}" for table, count in sorted(manifest.tables.items()))
     typer.echo(
         f"{manifest.file}  {_size(manifest.size_bytes)}  {manifest.duration_seconds:.1f} s  "
@@ -36,8 +32,10 @@ def run_command(
 @app.command("list")
 def list_command() -> None:
     """Backups with a manifest, newest first."""
-    backups = list_backups()
-    summary = backup_summary()
+    from ops import backup
+
+    backups = backup.list_backups()
+    summary = backup.backup_summary()
     if summary.last_failure_at is not None:
         typer.secho(
             f"{summary.failures_total} failed attempt(s); last {_when(summary.last_failure_at)}: "
@@ -64,7 +62,9 @@ def verify_command(
     ),
 ) -> None:
     """Check the sha256 and restore into a scratch database, comparing row counts."""
-    report = verify_backup(resolve_backup(file))
+    from ops import backup
+
+    report = backup.verify_backup(backup.resolve_backup(file))
     typer.echo(
         f"ok: {report.path.name} (sha256 matches, {len(report.restored_rows)} tables, "
         f"{sum(report.restored_rows.values())} rows restored as recorded)"
@@ -77,14 +77,16 @@ def restore_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Verify FILE, back up the current state, then replace the database's contents with FILE."""
-    path = resolve_backup(file)
+    from ops import backup
+
+    path = backup.resolve_backup(file)
     if not yes:
         typer.confirm(
             f"Replace the contents of the ops database with {Path(path).name}? "
             "(a safety backup is taken first)",
             abort=True,
         )
-    report = restore_backup(path)
+    report = backup.restore_backup(path)
     typer.echo(f"safety backup: {report.safety_backup.file}")
     typer.echo(f"restored {report.path.name} (taken {_when(report.manifest.created_at)})")
     for table, (expected, actual) in sorted(report.differences.items()):
@@ -99,7 +101,9 @@ def restore_command(
 def cleanup_command() -> None:
     """Keep the newest BACKUP_KEEP_FULL full, BACKUP_KEEP_SCHEMA schema-only and
     BACKUP_KEEP_SAFETY safety backups; delete the rest."""
-    removed = cleanup_backups()
+    from ops import backup
+
+    removed = backup.cleanup_backups()
     typer.echo(f"removed {len(removed)} file(s)" + "".join(f"\n  {name}" for name in removed))
 
 

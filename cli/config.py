@@ -8,7 +8,6 @@ import typer
 
 from core.errors import FloodError
 from core.settings import get_settings
-from ops.configcheck import find_config_problems
 
 app = typer.Typer(no_args_is_help=True)
 logger = logging.getLogger(__name__)
@@ -28,13 +27,20 @@ def _champion_data_source() -> str | None:
 
 @app.command("check")
 def check_command(
-    skip_model: bool = typer.Option(
-        False, "--skip-model", help="Do not look up the champion's training data."
+    model: bool | None = typer.Option(
+        None,
+        "--model/--skip-model",
+        help="Look up the champion's training data (default: in production only; MLflow loads slowly).",
     ),
 ) -> None:
     """Exit 1 if any problem applies to the current FLOOD_ENV; list them all either way."""
+    from ops.configcheck import find_config_problems  # SQLAlchemy: not for `flood --help`
+
     settings = get_settings()
-    data_source = None if skip_model else _champion_data_source()
+    check_model = settings.is_production if model is None else model
+    data_source = _champion_data_source() if check_model else None
+    if not check_model:
+        typer.echo("champion model not checked (--model checks it)", err=True)
     problems = find_config_problems(settings, model_data_source=data_source)
     refused = [problem for problem in problems if problem.applies(settings)]
     for problem in problems:

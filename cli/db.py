@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from ops.migrations import current_revision, head_revision, upgrade_database
-
 app = typer.Typer(no_args_is_help=True)
 
 
@@ -14,6 +12,8 @@ def upgrade_command(
     revision: str = typer.Option("head", "--revision", help="Target Alembic revision."),
 ) -> None:
     """Create or migrate the ops tables at DATABASE_URL (default: SQLite under FLOOD_HOME)."""
+    from ops.migrations import current_revision, upgrade_database  # Alembic: not for --help
+
     upgrade_database(revision=revision)
     typer.echo(f"ops schema at revision {current_revision()}")
 
@@ -21,4 +21,6 @@ def upgrade_command(
 @app.command("current")
 def current_command() -> None:
     """Show the schema revision in the database and the newest one this code knows."""
+    from ops.migrations import current_revision, head_revision
+
     typer.echo(f"database: {current_revision() or 'empty'}   code: {head_revision()}")

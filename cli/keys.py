@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import typer
 
 from core.settings import get_settings
-from ops.keys import ApiKeyInfo, ApiKeyStore
-from ops.migrations import prepare_database
+
+if TYPE_CHECKING:
+    from ops.keys import ApiKeyInfo, ApiKeyStore
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -17,7 +19,15 @@ app = typer.Typer(no_args_is_help=True)
 def require_schema() -> None:
     """Keys live in the ops database: the embedded SQLite is migrated on first use, any
     other database must be at head (the same rule as the service's start)."""
+    from ops.migrations import prepare_database  # SQLAlchemy and Alembic: not for --help
+
     prepare_database(get_settings())
+
+
+def _store() -> ApiKeyStore:
+    from ops.keys import ApiKeyStore
+
+    return ApiKeyStore()
 
 
 def _when(value: datetime | None) -> str:
@@ -41,7 +51,7 @@ def create_command(
 ) -> None:
     """Create a key and print it once."""
     expires_at = datetime.now(UTC) + timedelta(days=expires_days) if expires_days else None
-    issued = ApiKeyStore().create_key(name, tier, expires_at=expires_at)
+    issued = _store().create_key(name, tier, expires_at=expires_at)
     _echo_issued(issued.raw_key, issued.info)
 
 
@@ -51,7 +61,7 @@ def list_command(
 ) -> None:
     """Keys with their status; never the keys themselves."""
     # Plain columns, name last: readable in a narrow terminal and easy to grep or cut.
-    store = ApiKeyStore()
+    store = _store()
     keys = store.list_keys(include_inactive=show_all)
     # SECRET: which configured secret verifies the key; "none" means it can no longer work.
     row = "{:<17} {:<9} {:<10} {:<10} {:<20} {:<20} {:<17} {}"
@@ -85,7 +95,7 @@ def list_command(
 @app.command("revoke")
 def revoke_command(key_id: str = typer.Argument(..., help="Key id from `flood keys list`.")) -> None:
     """Revoke a key; services stop accepting it within API_KEY_CACHE_SECONDS."""
-    info = ApiKeyStore().revoke_key(key_id)
+    info = _store().revoke_key(key_id)
     typer.echo(f"revoked {info.key_id} ({info.name}) at {_when(info.revoked_at)}")
 
 
@@ -100,6 +110,6 @@ def rotate_command(
     ),
 ) -> None:
     """Issue a successor; old and new both work until the grace period ends."""
-    issued = ApiKeyStore().rotate_key(key_id, grace_hours=grace_hours)
+    issued = _store().rotate_key(key_id, grace_hours=grace_hours)
     _echo_issued(issued.raw_key, issued.info)
     typer.echo(f"old key {key_id} stays valid for the grace period, then expires", err=True)

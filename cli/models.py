@@ -7,6 +7,7 @@ entry point (``cli.main.run``) prints them as one line on stderr and exits 1.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import typer
 from rich import box
@@ -14,7 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 import registry
-from registry import ModelVersionInfo
+
+if TYPE_CHECKING:
+    from registry import ModelVersionInfo
 
 app = typer.Typer(no_args_is_help=True)
 

@@ -9,10 +9,7 @@ import typer
 from rich.console import Console
 
 from core.settings import get_settings
-from training.data import has_real_data, load_dataset
-from training.evaluation import ALERT_BUDGET, CRITICAL_BUDGET
-from training.pipeline import train_model
-from training.synthetic import generate_dataset
+from training.budget import ALERT_BUDGET, CRITICAL_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +47,12 @@ def train_command(
         False, "--bento", help="Build the new version's Bento (implies --register); before --promote."
     ),
 ) -> None:
-    """Train the flood classifier; print the per-year report beside the rainfall baseline."""
+    """Train every candidate, pick one by the written rule, print the leaderboard."""
+    # Here, not at the top: `flood --help` and the other commands should not load sklearn.
+    from training.data import has_real_data, load_dataset
+    from training.pipeline import train_model
+    from training.synthetic import generate_dataset
+
     settings = get_settings()
     data_dir = data or settings.flood_data_dir
     console = Console(stderr=True)

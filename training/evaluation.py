@@ -28,14 +28,13 @@ from sklearn.pipeline import Pipeline
 
 from core.errors import DataError
 from core.observation import FIELD_NAMES
+from training.budget import ALERT_BUDGET, CRITICAL_BUDGET
 from training.model import Candidate
 from training.result import Thresholds
 from training.selection import Standing, rain_monotone
 
 logger = logging.getLogger(__name__)
 
-ALERT_BUDGET = 0.15
-CRITICAL_BUDGET = 0.03
 RULE_SUMS = {"rule_1d": "rainfall", "rule_3d": "rainfall_3d", "rule_7d": "rainfall_7d"}
 
 StepCallback = Callable[[str], None]

@@ -12,10 +12,9 @@ import pandas as pd
 
 from core.errors import DataError
 from core.observation import FIELD_NAMES
+from training.budget import ALERT_BUDGET, CRITICAL_BUDGET
 from training.data import Dataset
 from training.evaluation import (
-    ALERT_BUDGET,
-    CRITICAL_BUDGET,
     CandidateEvaluation,
     StepCallback,
     evaluate_candidate,
