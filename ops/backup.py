@@ -344,11 +344,13 @@ class BackupMetricsCollector(Collector):
 def _run_backup(kind: BackupKind, settings: Settings) -> BackupManifest:
     backend = _backend(settings)
     directory = settings.backup_dir
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     created_at, final = _free_name(directory, kind=kind, suffix=backend.suffix)
     partial = final.with_name(final.name + _PARTIAL_SUFFIX)
     started = time.perf_counter()
     try:
+        # Owner-only from the first byte: dumps hold key hashes and the prediction log.
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         tables, revision, tool = backend.dump(partial, schema_only=kind == "schema")
         partial.replace(final)
     finally:
@@ -423,7 +425,9 @@ def _manifest_for(path: Path) -> BackupManifest:
 
 def _write_atomically(path: Path, content: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with os.fdopen(
+        os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8"
+    ) as handle:
         handle.write(content)
         handle.flush()
         os.fsync(handle.fileno())

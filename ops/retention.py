@@ -70,6 +70,8 @@ def purge_prediction_log(
                 if settings.prediction_log_retention_mode == "archive":
                     if handle is None:
                         archive = _archive_path(settings.backup_dir, cutoff)
+                        # Owner-only, like the backups: the rows hold clients' inputs and key ids.
+                        os.close(os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
                         handle = stack.enter_context(gzip.open(archive, "at", encoding="utf-8"))
                     for row in rows:
                         handle.write(json.dumps(dict(row), default=_json_default) + "\n")

@@ -80,8 +80,8 @@ def verify_model_dir(model_dir: Path, key: bytes | None = None) -> None:
     path = model_dir / SIGNATURE_FILE
     if not path.is_file():
         raise ModelIntegrityError(
-            f"model at {model_dir} is not signed ({SIGNATURE_FILE} missing); sign it at "
-            "promotion or Bento build, or set REQUIRE_MODEL_SIGNATURE=false for an unsigned model"
+            f"model at {model_dir} is not signed ({SIGNATURE_FILE} missing); rebuild its Bento "
+            "with MODEL_SIGNING_KEY set (`flood bento build --version N`), which signs the model"
         )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))

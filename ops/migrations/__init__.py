@@ -62,9 +62,12 @@ def prepare_database(settings: Settings) -> None:
     try:
         current = current_revision(url)
     except SQLAlchemyError as exc:
+        # The driver's first line names the cause (no such database, refused, bad password);
+        # it never holds the password itself.
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
         raise DependencyUnavailableError(
-            f"cannot read the ops database schema at DATABASE_URL ({exc.__class__.__name__}); "
-            "is the database up and reachable?"
+            f"cannot read the ops database schema at DATABASE_URL: {cause} "
+            f"({exc.__class__.__name__}); is the database up, reachable and created?"
         ) from None
     head = head_revision()
     if current != head:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,10 @@ def test_backup_wipe_restore_gives_equal_counts(sqlite_url: str, settings: Setti
     assert manifest.alembic_revision == head_revision()
     assert manifest.engine == "sqlite" and manifest.size_bytes == backup.stat().st_size
     assert json.loads(manifest_path(backup).read_text())["sha256"] == manifest.sha256
+    # Key hashes and the prediction log: readable by the owner only.
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert stat.S_IMODE(manifest_path(backup).stat().st_mode) == 0o600
+    assert stat.S_IMODE(settings.backup_dir.stat().st_mode) == 0o700
 
     with contextlib.closing(sqlite3.connect(settings.flood_home / "flood.db")) as db:
         db.execute("DELETE FROM prediction_log")

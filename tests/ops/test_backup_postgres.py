@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 from collections.abc import Iterator
 
@@ -46,6 +47,8 @@ def test_backup_wipe_restore_gives_equal_counts(pg_url: str, settings: Settings)
     assert manifest.tables == before
     assert manifest.alembic_revision == head_revision()
     assert manifest.tool.startswith("pg_dump (PostgreSQL) ")
+    # pg_dump writes into a file created owner-only, so the dump never was world-readable.
+    assert stat.S_IMODE((settings.backup_dir / manifest.file).stat().st_mode) == 0o600
 
     engine = create_engine(pg_url)
     with engine.begin() as connection:

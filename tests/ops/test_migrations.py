@@ -38,3 +38,15 @@ def test_version_table_does_not_collide_with_mlflow(postgres_url: str) -> None:
 
     names = inspect(get_engine(postgres_url)).get_table_names()
     assert VERSION_TABLE in names and "alembic_version" not in names
+
+
+def test_a_missing_database_is_named_as_the_cause(postgres_url: str, settings: Settings) -> None:
+    from sqlalchemy.engine import make_url
+
+    from core.errors import DependencyUnavailableError
+    from ops.migrations import prepare_database
+
+    missing = make_url(postgres_url).set(database="flood_no_such_database")
+    configured = settings.model_copy(update={"database_url": missing.render_as_string(hide_password=False)})
+    with pytest.raises(DependencyUnavailableError, match='database "flood_no_such_database" does not exist'):
+        prepare_database(configured)
