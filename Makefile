@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 3000
 DEV_KEY := $(or $(FLOOD_HOME),.flood)/dev-api-key
 
-.PHONY: run train build key serve test lint clean bench bench-smoke soak
+.PHONY: run train build key serve mlflow-ui test lint clean bench bench-smoke soak
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=...)"; exit 1; }
@@ -38,6 +38,10 @@ $(DEV_KEY): | $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/flood serve --host $(HOST) --port $(PORT)
+
+## mlflow-ui: MLflow's UI on the project's store (runs, candidates, figures, versions) at :5000
+mlflow-ui: $(STAMP)
+	$(BIN)/flood mlflow ui
 
 ## test: lint, type-check and run every test (services they need must be up: see .ci/run)
 test: $(STAMP) lint

@@ -110,11 +110,10 @@ def cleanup_command() -> None:
 @app.command("schedule")
 def schedule_command() -> None:
     """When the Celery beat schedule next runs each periodic task (Asia/Manila)."""
-    from ops.tasks import beat_schedule, next_run_at  # Celery is only needed here
+    from ops.tasks import describe_schedule  # Celery is only needed here
 
-    now = datetime.now(UTC)
-    for entry in beat_schedule():
-        typer.echo(f"{entry:32s} {next_run_at(entry, after=now).strftime('%a %Y-%m-%d %H:%M %Z')}")
+    for line in describe_schedule():
+        typer.echo(line)
 
 
 def _size(size: int) -> str:

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import backup, bento, config, db, keys, models, train
+from cli import backup, bento, config, db, keys, mlflow, models, train
 from core.errors import FloodError
 
 app = typer.Typer(help="Floodingnaque: flood-risk models for Parañaque City.", no_args_is_help=True)
@@ -19,6 +19,7 @@ app.add_typer(keys.app, name="keys", help="API keys: create, list, revoke, rotat
 app.add_typer(db.app, name="db", help="Ops database schema (API keys, prediction log).")
 app.add_typer(config.app, name="config", help="Configuration checks.")
 app.add_typer(backup.app, name="backup", help="Backups of the ops database: run, list, verify, restore.")
+app.add_typer(mlflow.app, name="mlflow", help="MLflow's UI on this project's store.")
 
 
 @app.callback()
@@ -28,6 +29,8 @@ def configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Alembic announces each of its plugins at INFO on every command that touches the schema.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def run() -> None:

@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     # prediction-log writer); "cpu_count" is one per core.
     serving_api_workers: int | Literal["cpu_count"] = "cpu_count"
 
-    # Celery: broker and result backend default to REDIS_URL, then to a local Redis, so a
-    # developer's `celery -A ops.tasks worker` needs no configuration.
+    # Celery: broker and result backend default to REDIS_URL, then to a local Redis (db 1:
+    # db 0 is the rate limiter's and the tests'), so `celery -A ops.tasks worker` needs no
+    # configuration.
     celery_broker_url: str | None = None
     celery_result_backend: str | None = None
     backup_keep_full: int = Field(default=7, ge=1)
@@ -125,7 +126,7 @@ class Settings(BaseSettings):
 
     @property
     def celery_broker(self) -> str:
-        return self.celery_broker_url or self.redis_url or "redis://127.0.0.1:6379/0"
+        return self.celery_broker_url or self.redis_url or "redis://127.0.0.1:6379/1"
 
     @property
     def celery_backend(self) -> str:

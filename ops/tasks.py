@@ -9,14 +9,14 @@ JSON summary. Configuration is read from settings when Celery first needs it, no
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
 from celery.beat import PersistentScheduler
 from celery.schedules import crontab
-from celery.signals import worker_process_init
+from celery.signals import beat_init, worker_process_init
 
 from core.errors import BackupError
 from core.settings import Settings, get_settings
@@ -112,6 +112,23 @@ class HeartbeatScheduler(PersistentScheduler):
             logger.exception("cannot touch the beat heartbeat %s", heartbeat)
         interval: float = super().tick(*args, **kwargs)
         return interval
+
+
+def describe_schedule(*, now: datetime | None = None) -> list[str]:
+    """One line per periodic task: its name, task and next run in Philippine time."""
+    now = now or datetime.now(UTC)
+    return [
+        f"{entry:32s} {spec['task']:34s} next {next_run_at(entry, after=now).strftime('%a %Y-%m-%d %H:%M')} "
+        f"PHT (Asia/Manila, UTC+8)"
+        for entry, spec in app.conf.beat_schedule.items()
+    ]
+
+
+@beat_init.connect
+def _log_schedule(**_: Any) -> None:
+    # Operators starting beat should see what it will send and when, not just "beat: Starting".
+    for line in describe_schedule():
+        logger.info("beat schedule: %s", line)
 
 
 @worker_process_init.connect

@@ -42,6 +42,15 @@ def display_uri(uri: str) -> str:
         return uri.split("://", 1)[0] + "://***"
 
 
+def ui_argv(*, host: str, port: int) -> list[str]:
+    """``mlflow ui`` on the project's own store (MLFLOW_TRACKING_URI or FLOOD_HOME's SQLite)."""
+    import sys
+
+    uri = get_settings().tracking_uri
+    mlflow = Path(sys.executable).with_name("mlflow")
+    return [str(mlflow), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+
+
 def connect() -> MlflowClient:
     """A client for ``settings.tracking_uri``; also points MLflow's fluent API at it."""
     mlflow = import_mlflow()

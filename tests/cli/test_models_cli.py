@@ -124,3 +124,13 @@ def test_console_script_reports_unknown_version_on_stderr(flood_home: Path) -> N
     assert done.stdout == ""
     assert done.stderr.strip().splitlines()[-1] == "error: model 'flood-risk' has no version 3"
     assert "Traceback" not in done.stderr
+
+
+def test_mlflow_ui_opens_the_projects_own_store(settings: Settings) -> None:
+    from registry.backend import ui_argv
+
+    argv = ui_argv(host="127.0.0.1", port=5055)
+    assert Path(argv[0]).name == "mlflow" and Path(argv[0]).is_file()
+    assert argv[argv.index("--backend-store-uri") + 1] == settings.tracking_uri
+    assert str(settings.flood_home.resolve()) in settings.tracking_uri
+    assert argv[-4:] == ["--host", "127.0.0.1", "--port", "5055"]

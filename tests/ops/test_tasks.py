@@ -51,6 +51,24 @@ def test_config_is_json_only_acks_late_prefetch_one(monkeypatch: pytest.MonkeyPa
     get_settings.cache_clear()
     assert celery_config(get_settings())["broker_url"] == "redis://broker:6379/5"
 
+    # With nothing set: a local Redis, but not db 0, where the rate limiter and tests live.
+    monkeypatch.delenv("CELERY_BROKER_URL")
+    monkeypatch.delenv("REDIS_URL")
+    get_settings.cache_clear()
+    assert celery_config(get_settings())["broker_url"] == "redis://127.0.0.1:6379/1"
+
+
+def test_schedule_is_described_in_philippine_time() -> None:
+    from ops.tasks import describe_schedule
+
+    now = datetime(2026, 12, 2, 16, 0, tzinfo=UTC)  # Thursday 00:00 in Manila
+    lines = describe_schedule(now=now)
+    assert len(lines) == len(beat_schedule())
+    daily = next(line for line in lines if line.startswith("backup-full-daily"))
+    assert "flood.backup.run" in daily
+    assert daily.endswith("next Thu 2026-12-03 02:00 PHT (Asia/Manila, UTC+8)")
+    assert not any(" PST" in line for line in lines)
+
 
 def test_every_beat_entry_names_a_registered_task() -> None:
     for entry in beat_schedule().values():
