@@ -96,6 +96,15 @@ class BackupManifest:
             raise BackupError(
                 f"manifest {path} has unknown kind or engine ({manifest.kind}, {manifest.engine})"
             )
+        # A manifest names its dump beside it, and only that: cleanup deletes what it names,
+        # so "../../victim.txt" (or another manifest's dump) must never get that far.
+        if (
+            not isinstance(manifest.file, str)
+            or Path(manifest.file).name != manifest.file
+            or not manifest.file.startswith(_PREFIX)
+            or _manifest_name(manifest.file) != path.name
+        ):
+            raise BackupError(f"manifest {path} names {manifest.file!r}, which is not its own backup file")
         return manifest
 
 

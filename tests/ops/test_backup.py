@@ -216,3 +216,25 @@ def test_resolve_backup_explains_what_is_missing(settings: Settings) -> None:
         resolve_backup(None)
     with pytest.raises(BackupError, match=r"no backup file nope\.dump"):
         resolve_backup("nope.dump")
+
+
+def test_a_manifest_cannot_point_outside_the_backup_directory(
+    sqlite_url: str, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crafted manifest naming ../../victim.txt made `flood backup cleanup` delete it."""
+    monkeypatch.setenv("BACKUP_KEEP_FULL", "1")
+    get_settings.cache_clear()
+    victim = settings.flood_home / "victim.txt"
+    victim.write_text("not a backup")
+    first, second = run_backup(), run_backup()
+    forged = json.loads(manifest_path(settings.backup_dir / first.file).read_text())
+    forged["file"] = "../victim.txt"
+    manifest_path(settings.backup_dir / first.file).write_text(json.dumps(forged))
+
+    removed = cleanup_backups()
+
+    assert victim.read_text() == "not a backup"
+    assert "victim.txt" not in removed
+    assert [m.file for m in list_backups()] == [second.file]  # the forged one is skipped, named in the log
+    with pytest.raises(BackupError, match="not its own backup file"):
+        verify_backup(settings.backup_dir / first.file)
