@@ -25,6 +25,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -50,7 +51,9 @@ KEY_SCHEME = "fnq"
 _PREFIX_RE = re.compile(rf"^{KEY_SCHEME}_[0-9a-f]{{12}}$")
 _KEY_RE = re.compile(rf"^({KEY_SCHEME}_[0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
 DEV_SECRET_FILE = "dev-secret-key"
-_CACHE_MAX_ENTRIES = 10_000
+# Unknown keys are remembered too (so guessing cannot hammer the database), in their own
+# LRU of this size: a flood of guesses evicts only older guesses, never a real key's state.
+_UNKNOWN_CACHE_MAX = 10_000
 # After a failed lookup, keys with a last known state skip the database for this long, so
 # an outage costs one connection attempt per pause instead of one per request.
 _DB_RETRY_AFTER_S = 2.0
@@ -180,8 +183,11 @@ class ApiKeyStore:
         self._previous_ids = {secret_id(s) for s in self._previous}
         self._cache_seconds = self._settings.api_key_cache_seconds if cache_seconds is None else cache_seconds
         self._stale_seconds = self._settings.api_key_stale_seconds
-        # digest -> (fresh until, usable during an outage until, info); monotonic seconds
+        # digest -> (fresh until, usable during an outage until, info); monotonic seconds.
+        # Known keys only: bounded by the keys that exist, so nothing needs evicting.
         self._cache: dict[str, tuple[float, float, ApiKeyInfo | None]] = {}
+        # digest -> fresh until, for keys the database did not know.
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._db_down_until = 0.0  # monotonic; 0 means the database is believed up
 
@@ -305,8 +311,14 @@ class ApiKeyStore:
         the database can tell (the caller then runs ``verify_key`` where blocking is fine)."""
         if not raw_key:
             raise AuthenticationError("missing", "no API key: send X-API-Key or Authorization: Bearer")
-        cached = self._cache.get(hash_key(raw_key, self._secret))
-        if cached is None or cached[0] <= time.monotonic():
+        digest = hash_key(raw_key, self._secret)
+        cached = self._cache.get(digest)
+        if cached is None:
+            unknown_until = self._unknown.get(digest)
+            if unknown_until is not None and unknown_until > time.monotonic():
+                return self._accept(None)
+            return None
+        if cached[0] <= time.monotonic():
             return None
         return self._accept(cached[2])
 
@@ -373,10 +385,14 @@ class ApiKeyStore:
         if self._cache_seconds <= 0:
             return
         with self._cache_lock:
-            if len(self._cache) >= _CACHE_MAX_ENTRIES:
-                # Unknown keys are cached too (so guessing cannot hammer the database),
-                # which means a flood of guesses could grow this without bound.
-                self._cache.clear()
+            if info is None:
+                self._cache.pop(digest, None)  # a deleted key is unknown from now on
+                self._unknown[digest] = now_mono + self._cache_seconds
+                self._unknown.move_to_end(digest)
+                while len(self._unknown) > _UNKNOWN_CACHE_MAX:
+                    self._unknown.popitem(last=False)
+                return
+            self._unknown.pop(digest, None)
             self._cache[digest] = (
                 now_mono + self._cache_seconds,
                 now_mono + max(self._cache_seconds, self._stale_seconds),
@@ -386,3 +402,4 @@ class ApiKeyStore:
     def clear_cache(self) -> None:
         with self._cache_lock:
             self._cache.clear()
+            self._unknown.clear()

@@ -171,6 +171,28 @@ def test_known_keys_survive_a_database_outage_past_the_cache_ttl(settings: Setti
         store.verify_key(never_seen.raw_key)
 
 
+def test_a_flood_of_unknown_keys_cannot_lock_a_known_key_out(settings: Settings) -> None:
+    """Unknown keys used to share one cache with known ones, cleared at 10,000 entries: 28,000
+    random keys during an outage wiped the known keys' last states, and they got 503."""
+    import secrets as random_source
+
+    upgrade_database()
+    sessions = SwitchableSessions(get_session_factory(settings.effective_database_url))
+    store = ApiKeyStore(session_factory=sessions, secret=SECRET, cache_seconds=30)  # type: ignore[arg-type]
+    known = store.create_key("barangay", "pro")
+    store.verify_key(known.raw_key)
+    guesses = [f"fnq_{random_source.token_hex(6)}_{random_source.token_urlsafe(32)}" for _ in range(12_000)]
+    for guess in guesses:  # the database answers "unknown" for each, once
+        assert reason_of(store, guess) == "unknown"
+    sessions.down = True
+    for guess in random_source.SystemRandom().sample(guesses, 2_000):
+        with pytest.raises((AuthenticationError, DependencyUnavailableError)):
+            store.verify_key(guess)
+    assert store.verify_key(known.raw_key).key_id == known.info.key_id
+    # Guesses seen recently are refused from memory, without a database round trip.
+    assert reason_of(store, guesses[-1]) == "unknown"
+
+
 def test_database_outage_is_unavailable_not_unauthorised(tmp_path: Path) -> None:
     url = "postgresql+psycopg2://postgres@127.0.0.1:1/none"
     store = ApiKeyStore(session_factory=get_session_factory(url), secret=SECRET)
