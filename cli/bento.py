@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,15 +62,74 @@ def serve_command(
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(3000, "--port", help="Port to listen on."),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Take over from the server already on HOST:PORT: it stops once this one is ready.",
+    ),
+    ready_timeout: float = typer.Option(
+        180, "--ready-timeout", min=5, help="With --replace: give up (the old server stays) after this."
+    ),
 ) -> None:
-    """Serve a Bento; serving an older tag is how a deployment rolls back."""
-    from serving.bentos import bentoml_environ, find_bento, serve_argv
+    """Serve a Bento; serving an older tag is how a deployment rolls back, and --replace
+    does it without refusing a connection (serving.handover)."""
+    from serving.bentos import BentoError, bentoml_environ, find_bento, serve_argv
+    from serving.handover import (
+        HANDOVER_DIR_ENV,
+        handover_dir,
+        migration_enabled,
+        prune_handover_dirs,
+        serving_pid,
+        start_detached,
+    )
 
     settings = get_settings()
     bento = find_bento(tag, settings=settings)
+    run_dir = settings.flood_home.resolve() / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prune_handover_dirs(run_dir)
+    pidfile = run_dir / f"serve-{host}-{port}.pid"
+    old_pid = serving_pid(pidfile)
+    if old_pid is not None and not replace:
+        raise BentoError(
+            f"pid {old_pid} already serves {host}:{port}; `flood serve --replace` hands over "
+            "without an outage, or stop it first"
+        )
+    env = bentoml_environ(settings)
+    ready_dir = handover_dir(run_dir, os.getpid())
+    shutil.rmtree(ready_dir, ignore_errors=True)
+    env[HANDOVER_DIR_ENV] = str(ready_dir)
+    if old_pid is not None:
+        if not migration_enabled():
+            typer.secho(
+                "net.ipv4.tcp_migrate_req is 0: connections queued at the old server when it "
+                "closes may be reset; `sysctl -w net.ipv4.tcp_migrate_req=1` moves them over",
+                err=True,
+                fg="yellow",
+            )
+        workers = settings.serving_api_workers
+        count = (os.cpu_count() or 1) if workers == "cpu_count" else int(workers)
+        start_detached(
+            [
+                sys.executable,
+                "-m",
+                "serving.handover",
+                "finish",
+                str(old_pid),
+                str(os.getpid()),
+                str(ready_dir),
+                str(handover_dir(run_dir, old_pid)),
+                host,
+                str(port),
+                str(count),
+                str(ready_timeout),
+            ]
+        )
+        typer.echo(f"replacing pid {old_pid} once this server is ready", err=True)
     pinned = "the champion's Bento" if tag is None else "as asked"
     typer.echo(f"serving {bento.tag} (model {bento.model_tag}, {pinned}) on {host}:{port}", err=True)
+    pidfile.write_text(f"{os.getpid()}\n")
     argv = serve_argv(bento, host=host, port=port)
     # Replace this process so SIGTERM from a supervisor reaches BentoML's arbiter directly
     # and in-flight requests drain (graceful shutdown) instead of being cut by a wrapper.
-    os.execve(argv[0], argv, bentoml_environ(settings))
+    os.execve(argv[0], argv, env)

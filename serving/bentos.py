@@ -265,8 +265,12 @@ def champion_bento(settings: Settings) -> BentoSummary:
 
 def serve_argv(bento: BentoSummary, *, host: str, port: int) -> list[str]:
     # Serving the Bento's directory (not the tag) leaves no room for BentoML to resolve
-    # the identifier as a module path or as another Bento.
-    return bentoml_command(
+    # the identifier as a module path or as another Bento. BentoML runs through
+    # serving.handover, which lets a replacement take the port without refusing anyone.
+    return [
+        sys.executable,
+        "-m",
+        "serving.handover",
         "serve",
         str(bento.path),
         "--host",
@@ -277,4 +281,4 @@ def serve_argv(bento: BentoSummary, *, host: str, port: int) -> list[str]:
         str(GRACEFUL_SHUTDOWN_S),
         "--timeout-keep-alive",
         str(KEEP_ALIVE_S),
-    )
+    ]

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from core.observation import FIELD_NAMES, Observation
 from core.settings import get_settings
 from ops.predictionlog import PredictionRecord
+from serving.handover import DrainFlag
 from serving.health import CheckResult, check_dependencies, overall_status
 from serving.hooks import EdgeHooks, edge_headers
 from serving.metrics import get_metrics
@@ -482,6 +483,7 @@ class ResponseHeaders:
     def __init__(self, app: ASGIApp, get_backend: BackendGetter) -> None:
         self.app = app
         self._get_backend = get_backend
+        self._drain = DrainFlag()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -494,6 +496,10 @@ class ResponseHeaders:
                 version = str(backend.served.version) if backend is not None else "unknown"
                 headers = list(message.get("headers", []))
                 headers.append((MODEL_VERSION_HEADER.lower().encode(), version.encode()))
+                if self._drain.draining():
+                    # Being replaced (serving.handover): keep-alive clients reconnect after
+                    # this answer, to the new server, instead of racing an idle close.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 

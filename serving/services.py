@@ -18,6 +18,7 @@ worker then holds its own key store, rate limiter and prediction log
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from core.settings import get_settings
 from ops.signing import check_model_at_start
 from serving.bentos import GRACEFUL_SHUTDOWN_S, pinned_model_tag
 from serving.coalescing import RowCoalescer
+from serving.handover import mark_worker_ready
 from serving.hardening import bound_request_metric_labels, escape_access_log
 from serving.hooks import EdgeHooks
 from serving.http import ModelUnavailable, Overloaded, ResponseHeaders, create_app
@@ -156,6 +158,18 @@ class FloodRiskAPI:
             else None
         )
         tune_garbage_collector()
+
+    @bentoml.on_startup
+    async def announce_ready(self) -> None:
+        """Tell ``flood serve --replace`` when this worker can serve (``serving.handover``)."""
+
+        async def wait_for_model() -> None:
+            while not await self.model.is_ready(5):
+                await asyncio.sleep(0.2)
+            mark_worker_ready()
+
+        # A task, not an await: the worker starts serving (503 until the model is up) as before.
+        self._ready_task = asyncio.get_running_loop().create_task(wait_for_model())
 
     @bentoml.on_shutdown
     def close_operations(self) -> None:
