@@ -44,6 +44,7 @@ from sqlalchemy.exc import (
 )
 
 from core.errors import ConfigurationError
+from core.processes import pid_alive
 from core.settings import Settings, get_settings
 from ops.database import get_engine
 from ops.tables import PredictionLogRow
@@ -153,16 +154,6 @@ def _is_transient(exc: SQLAlchemyError) -> bool:
     if isinstance(exc, OperationalError | InterfaceError | ProgrammingError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PredictionLog:
@@ -486,7 +477,7 @@ class PredictionLog:
                 continue
             if not pid_text.isdigit() or int(pid_text) == os.getpid():
                 continue
-            if _pid_alive(int(pid_text)):
+            if pid_alive(int(pid_text)):
                 continue
             target = path.with_name(f"replaying-{self._host}-{os.getpid()}-{uuid.uuid4().hex}.jsonl")
             with contextlib.suppress(FileNotFoundError):

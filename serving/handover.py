@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.processes import pid_alive
+
 logger = logging.getLogger(__name__)
 
 HANDOVER_DIR_ENV = "FLOOD_HANDOVER_DIR"
@@ -173,7 +175,7 @@ def prune_handover_dirs(run_dir: Path) -> None:
     """Remove the handover dirs of servers that are gone."""
     for directory in run_dir.glob("serve-*"):
         pid = directory.name.removeprefix("serve-")
-        if directory.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if directory.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -242,16 +244,6 @@ def start_detached(argv: list[str]) -> None:
     os.waitpid(child, 0)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def finish_handover(handover: Handover) -> bool:
     """Wait for the new server's API workers, then stop the old server gracefully.
 
@@ -260,7 +252,7 @@ def finish_handover(handover: Handover) -> bool:
     """
     deadline = time.monotonic() + handover.timeout_s
     while time.monotonic() < deadline:
-        if not _alive(handover.new_pid):
+        if not pid_alive(handover.new_pid):
             logger.error(
                 "the new server (pid %d) exited; pid %d keeps serving", handover.new_pid, handover.old_pid
             )
@@ -282,10 +274,10 @@ def finish_handover(handover: Handover) -> bool:
     handover.old_dir.mkdir(parents=True, exist_ok=True)
     (handover.old_dir / DRAINING_FILE).touch()
     time.sleep(DRAIN_GAP_S)
-    if _alive(handover.old_pid):
+    if pid_alive(handover.old_pid):
         os.kill(handover.old_pid, signal.SIGTERM)
     stop_deadline = time.monotonic() + 120
-    while _alive(handover.old_pid) and time.monotonic() < stop_deadline:
+    while pid_alive(handover.old_pid) and time.monotonic() < stop_deadline:
         time.sleep(0.2)
     # Alone in the group, the new server is its first socket: back to "the first one keeps
     # the traffic", so the next replacement starts the same way this one did.

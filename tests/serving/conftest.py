@@ -154,18 +154,27 @@ def start_server(
             start_new_session=True,  # so teardown can stop the arbiter and its workers
         )
     url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log)
+    except RuntimeError:
+        stop_server(process)
+        raise
+    return Server(url=url, bento=bento, process=process, log=log)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``url/readyz`` answers 200; ``RuntimeError`` with the log's tail otherwise."""
     deadline = time.monotonic() + SERVE_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited: {log.read_text()[-3000:]}")
+            raise RuntimeError(f"the server exited: {log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return Server(url=url, bento=bento, process=process, log=log)
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    stop_server(process)
-    raise RuntimeError(f"bentoml serve not ready in {SERVE_START_TIMEOUT_S}s: {log.read_text()[-3000:]}")
+    raise RuntimeError(f"not ready in {SERVE_START_TIMEOUT_S}s: {log.read_text()[-3000:]}")
 
 
 def stop_server(process: subprocess.Popen[bytes], *, grace_s: float = 40) -> int:

@@ -20,7 +20,7 @@ import pytest
 
 from serving.handover import migration_enabled, serving_pid
 from tests.conftest import IN_CI
-from tests.serving.conftest import BuiltHome, free_port, serve_env
+from tests.serving.conftest import BuiltHome, free_port, serve_env, wait_ready
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -38,20 +38,6 @@ def flood_serve(built_home: BuiltHome, *args: str, log: Path) -> subprocess.Pope
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"flood serve exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"not ready in {timeout_s} s: {log.read_text()[-3000:]}")
 
 
 def stop_group(pid: int) -> None:
