@@ -44,10 +44,14 @@ def current_revision(url: str | None = None) -> str | None:
         return context.get_current_revision()
 
 
-def head_revision() -> str | None:
+def _scripts() -> ScriptDirectory:
     config = Config()
     config.set_main_option("script_location", str(_HERE))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return ScriptDirectory.from_config(config)
+
+
+def head_revision() -> str | None:
+    return _scripts().get_current_head()
 
 
 def prepare_database(settings: Settings) -> None:
@@ -57,6 +61,7 @@ def prepare_database(settings: Settings) -> None:
     url = settings.effective_database_url
     if make_url(url).get_backend_name() == "sqlite" and not settings.is_production:
         with _migration_lock(settings):
+            _refuse_newer_schema(current_revision(url))
             upgrade_database(url)
         return
     try:
@@ -69,12 +74,25 @@ def prepare_database(settings: Settings) -> None:
             f"cannot read the ops database schema at DATABASE_URL: {cause} "
             f"({exc.__class__.__name__}); is the database up, reachable and created?"
         ) from None
+    _refuse_newer_schema(current)
     head = head_revision()
     if current != head:
         raise ConfigurationError(
             f"the ops database schema is at revision {current or '(empty)'}, this code needs {head}; "
             "run `flood db upgrade` against DATABASE_URL, then start the service again"
         )
+
+
+def _refuse_newer_schema(current: str | None) -> None:
+    """A schema this code has no migration for: a rollback to a Bento built before the
+    database's last migration. Said plainly, instead of Alembic's "Can't locate revision"."""
+    if current is None or current in {script.revision for script in _scripts().walk_revisions()}:
+        return
+    raise ConfigurationError(
+        f"the ops database is at revision {current}, newer than this code knows (its newest is "
+        f"{head_revision()}); serve a Bento built from code that has that revision, or restore "
+        "a backup taken at an older one"
+    )
 
 
 @contextlib.contextmanager

@@ -50,3 +50,17 @@ def test_a_missing_database_is_named_as_the_cause(postgres_url: str, settings: S
     configured = settings.model_copy(update={"database_url": missing.render_as_string(hide_password=False)})
     with pytest.raises(DependencyUnavailableError, match='database "flood_no_such_database" does not exist'):
         prepare_database(configured)
+
+
+def test_a_database_newer_than_the_code_is_refused_clearly(settings: Settings) -> None:
+    """A rollback to a Bento built before the last migration met Alembic's traceback."""
+    from sqlalchemy import text
+
+    from core.errors import ConfigurationError
+    from ops.migrations import prepare_database
+
+    upgrade_database(settings.effective_database_url)
+    with get_engine(settings.effective_database_url).begin() as connection:
+        connection.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    with pytest.raises(ConfigurationError, match="revision 9999, newer than this code knows"):
+        prepare_database(settings)
