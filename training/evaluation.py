@@ -40,6 +40,10 @@ RULE_SUMS = {"rule_1d": "rainfall", "rule_3d": "rainfall_3d", "rule_7d": "rainfa
 StepCallback = Callable[[str], None]
 
 
+class CandidateUnfit(DataError):
+    """A candidate family could not be fitted in any outer fold: it leaves the race."""
+
+
 @dataclass
 class CandidateEvaluation:
     candidate: Candidate
@@ -245,7 +249,7 @@ def evaluate_candidate(
         )
     seen = ~np.isnan(oof)
     if not seen.any():
-        raise DataError(f"{candidate.name} could not be fitted in any fold: {'; '.join(errors)}")
+        raise CandidateUnfit(f"{candidate.name} could not be fitted in any fold: {'; '.join(errors)}")
     thresholds = choose_thresholds(
         oof[seen], y[seen], alert_budget=alert_budget, critical_budget=critical_budget
     )

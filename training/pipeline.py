@@ -16,6 +16,7 @@ from training.budget import ALERT_BUDGET, CRITICAL_BUDGET
 from training.data import Dataset
 from training.evaluation import (
     CandidateEvaluation,
+    CandidateUnfit,
     StepCallback,
     evaluate_candidate,
     evaluate_rule_baseline,
@@ -106,9 +107,7 @@ def train_model(
                     critical_budget=critical_budget,
                 )
             )
-        except DataError as exc:
-            if "any fold" not in str(exc):
-                raise
+        except CandidateUnfit as exc:
             logger.warning("candidate %s dropped: %s", candidate.name, exc)
     if not evaluations:
         raise DataError("no candidate could be fitted")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from core.errors import DataError
 from training.data import Dataset
@@ -16,7 +18,8 @@ from training.evaluation import (
     pick_rule,
     precision_recall_at,
 )
-from training.model import CANDIDATE_NAMES, get_candidate
+from training.model import CANDIDATE_NAMES, Candidate, get_candidate
+from training.pipeline import train_model
 from training.result import Thresholds, TrainingResult
 
 
@@ -150,3 +153,22 @@ def test_synthetic_model_validates(synthetic_result: TrainingResult) -> None:
     # the generator's rule is learnable: a model that cannot beat chance on it is broken
     assert synthetic_result.validation_passed, synthetic_result.validation_reason
     assert synthetic_result.metrics["oof_pr_auc"] > 2 * synthetic_result.metrics["prevalence"]
+
+
+class _Unfittable(LogisticRegression):
+    def fit(self, X: object, y: object, sample_weight: object = None) -> _Unfittable:  # noqa: N803
+        raise ValueError("injected: this family cannot be fitted")
+
+
+def test_a_family_that_cannot_be_fitted_leaves_the_race(synthetic_dataset: Dataset, tmp_path: Path) -> None:
+    broken = Candidate("broken", "fault injection", 1, ("log_rainfall",), lambda n, seed: _Unfittable())
+    result = train_model(
+        synthetic_dataset,
+        n_estimators=10,
+        reports_dir=tmp_path,
+        candidates=(broken, get_candidate("rule_1d")),
+    )
+    assert result.candidate == "rule_1d"
+    assert list(result.leaderboard["candidate"]) == ["rule_1d"]
+    with pytest.raises(DataError, match="no candidate could be fitted"):
+        train_model(synthetic_dataset, reports_dir=tmp_path, candidates=(broken,))
