@@ -29,13 +29,14 @@ from sklearn.pipeline import Pipeline
 from core.errors import DataError
 from core.observation import FIELD_NAMES
 from training.budget import ALERT_BUDGET, CRITICAL_BUDGET
-from training.model import Candidate
+from training.model import RULE_WINDOWS, Candidate
 from training.result import Thresholds
 from training.selection import Standing, rain_monotone
 
 logger = logging.getLogger(__name__)
 
-RULE_SUMS = {"rule_1d": "rainfall", "rule_3d": "rainfall_3d", "rule_7d": "rainfall_7d"}
+# Each rule candidate's raw sum (its model sees the log of it), in window order.
+RULE_SUMS = {name: feature.removeprefix("log_") for name, feature in RULE_WINDOWS.items()}
 
 StepCallback = Callable[[str], None]
 
@@ -180,9 +181,8 @@ def pick_rule(table: pd.DataFrame) -> str:
     y = table["flood"].to_numpy()
     scores = {name: _safe(average_precision_score, y, table[column].to_numpy())
               for name, column in RULE_SUMS.items()}  # fmt: skip
-    return max(
-        RULE_SUMS, key=lambda name: (np.nan_to_num(scores[name], nan=-1.0), -list(RULE_SUMS).index(name))
-    )
+    # max keeps the first of equal keys, which in window order is the shorter window.
+    return max(RULE_SUMS, key=lambda name: np.nan_to_num(scores[name], nan=-1.0))
 
 
 def evaluate_rule_baseline(table: pd.DataFrame) -> RuleBaseline:

@@ -50,10 +50,6 @@ class Candidate:
     make_estimator: Callable[[int, int], ClassifierMixin]  # (n_estimators, seed) -> unfitted
     recalibrate: bool = False  # sigmoid over time blocks, for families with reweighted classes
 
-    @property
-    def is_rule(self) -> bool:
-        return self.name in RULE_WINDOWS
-
     def build(self, *, n_estimators: int = 300, seed: int = 0) -> Pipeline:
         """An unfitted Pipeline taking the raw observation fields."""
         model = self.make_estimator(n_estimators, seed)
