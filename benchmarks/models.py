@@ -19,8 +19,9 @@ from sklearn.pipeline import Pipeline
 
 from core.features import FeatureBuilder
 from core.observation import FIELD_NAMES
+from core.risk import Thresholds
 from core.settings import Settings
-from training.result import Thresholds, TrainingResult
+from training.result import TrainingResult
 
 logger = logging.getLogger(__name__)
 

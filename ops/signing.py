@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from core.checksum import sha256_file
 from core.errors import ConfigurationError, ModelIntegrityError
 from core.settings import Settings, get_settings
 
@@ -21,7 +22,6 @@ logger = logging.getLogger(__name__)
 
 SIGNATURE_FILE = "flood-signature.json"
 ALGORITHM = "HMAC-SHA256"
-_CHUNK = 1 << 20
 
 
 def signing_key(settings: Settings | None = None) -> bytes:
@@ -42,11 +42,7 @@ def hash_model_files(model_dir: Path) -> dict[str, str]:
     for path in sorted(model_dir.rglob("*")):
         if not path.is_file() or path.relative_to(model_dir).as_posix() == SIGNATURE_FILE:
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-        digests[path.relative_to(model_dir).as_posix()] = digest.hexdigest()
+        digests[path.relative_to(model_dir).as_posix()] = sha256_file(path)
     return digests
 
 

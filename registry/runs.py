@@ -37,10 +37,12 @@ from registry.versions import (
     stored_model_sha256,
     version_info,
 )
-from training.result import TrainingResult
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
+
+    # Only the type: the registry takes what training produced, it never runs training.
+    from training.result import TrainingResult
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 from sklearn.pipeline import Pipeline
 
 from core.errors import ModelIntegrityError, RegistryError
+from core.risk import Thresholds
 from core.settings import CHAMPION_ALIAS, get_settings
 from registry.backend import connect, import_mlflow, is_not_found
 from registry.integrity import load_pipeline_file, pipeline_path, sha256_tree
-from training.result import Thresholds
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

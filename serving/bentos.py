@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from core.checksum import sha256_file
 from core.errors import ConfigurationError, FloodError, ModelIntegrityError
 from core.settings import Settings
 from ops.signing import signing_key
 from serving.model_store import import_model, sign_imported_model
 from serving.predictor import ServedModel
-from training.data import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from core.checksum import sha256_file
 from core.errors import ModelIntegrityError
 from core.observation import INPUT_FIELDS
 from ops.signing import SIGNATURE_FILE, sign_model_dir, verify_model_dir
 from registry.integrity import PIPELINE_FILE, load_pipeline_file
 from serving.compiled import CompiledForest, check_agreement, compile_forest
 from serving.predictor import COMPILED_REPORT_FILE, ONNX_FILE, ServedModel
-from training.data import sha256_file
 
 logger = logging.getLogger(__name__)
 

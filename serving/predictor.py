@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from core.checksum import sha256_file
 from core.errors import ModelIntegrityError
+from core.risk import Thresholds
 from registry.integrity import PIPELINE_FILE, load_pipeline_file
 from serving.compiled import CompiledForest
-from training.data import sha256_file
-from training.result import Thresholds
 
 logger = logging.getLogger(__name__)
 

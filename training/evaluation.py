@@ -28,9 +28,9 @@ from sklearn.pipeline import Pipeline
 
 from core.errors import DataError
 from core.observation import FIELD_NAMES
+from core.risk import Thresholds
 from training.budget import ALERT_BUDGET, CRITICAL_BUDGET
 from training.model import RULE_WINDOWS, Candidate
-from training.result import Thresholds
 from training.selection import Standing, rain_monotone
 
 logger = logging.getLogger(__name__)

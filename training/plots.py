@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import precision_recall_curve
 
-from training.result import Thresholds
+from core.risk import Thresholds
 
 LEVEL_COLOURS = {"Alert": "tab:orange", "Critical": "tab:red"}
 

@@ -9,6 +9,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from core.errors import DataError
+from core.risk import Thresholds
 from training.data import Dataset
 from training.evaluation import (
     budget_threshold,
@@ -20,7 +21,7 @@ from training.evaluation import (
 )
 from training.model import CANDIDATE_NAMES, Candidate, get_candidate
 from training.pipeline import train_model
-from training.result import Thresholds, TrainingResult
+from training.result import TrainingResult
 
 
 def test_budget_threshold_is_the_lowest_within_budget() -> None:
