@@ -61,7 +61,7 @@ class BenchModel:
 
 def complete_rows(n: int, *, seed: int) -> pd.DataFrame:
     """Valid observations with every field present, as mlflow's schema wants them (doubles)."""
-    from serving.model_store import sample_observations
+    from bundle.onnx import sample_observations
 
     raw = sample_observations(n, seed=seed)
     frame = pd.DataFrame(raw, columns=list(FIELD_NAMES))
@@ -153,7 +153,8 @@ def train_real(settings: Settings, *, trees: int | None) -> TrainingResult:
 def register_and_build(kind: str, result: TrainingResult, *, settings: Settings, workdir: Path) -> BenchModel:
     """Register ``result`` as a new version and build a Bento pinned to it."""
     import registry
-    from serving.bentos import build_bento, find_bento, import_registry_version
+    from bundle.bentos import build_bento, find_bento
+    from bundle.model_import import import_registry_version
     from serving.model_store import read_model
     from serving.predictor import engine_for
 

@@ -73,25 +73,27 @@ def main() -> None:
         cache_seconds=0,
     )
     limiter = RateLimiter(
-        settings=settings, redis_url=args.redis_url, key_prefix=f"flood-bench-{uuid.uuid4().hex}"
+        settings=settings, storage_uri=args.redis_url, key_prefix=f"flood-bench-{uuid.uuid4().hex}"
     )
     log = PredictionLog(settings=settings)
     log.start()
     identity = store.verify_key(raw_key).key_id
 
     def enqueue() -> None:
-        log.record(
-            PredictionRecord(
-                request_id=uuid.uuid4().hex,
-                created_at=datetime.now(UTC),
-                key_id=identity,
-                inputs={"temperature": 28.0, "humidity": 80.0, "rainfall": 12.5},
-                probability=0.42,
-                risk_level="Alert",
-                model_version="1",
-                bento_tag="flood-risk:bench",
-                latency_ms=3.0,
-            )
+        log.record_many(
+            [
+                PredictionRecord(
+                    request_id=uuid.uuid4().hex,
+                    created_at=datetime.now(UTC),
+                    key_id=identity,
+                    inputs={"temperature": 28.0, "humidity": 80.0, "rainfall": 12.5},
+                    probability=0.42,
+                    risk_level="Alert",
+                    model_version="1",
+                    bento_tag="flood-risk:bench",
+                    latency_ms=3.0,
+                )
+            ]
         )
 
     def request_path() -> None:

@@ -94,7 +94,7 @@ def bento_overrides(workers: dict[str, int], extra: dict[str, Any]) -> str:
 def bento_command(
     spec: PeerSpec, model: BenchModel, *, settings: Settings, port: int
 ) -> tuple[list[str], dict[str, str]]:
-    from serving.bentos import bentoml_environ, find_bento, serve_argv
+    from bundle.bentos import bentoml_environ, find_bento, serve_argv
 
     env = bentoml_environ(settings)
     if spec.workers or spec.bento_config:

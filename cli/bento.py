@@ -27,7 +27,8 @@ def build_command(
 
 def build_version_bento(version: int | None) -> str:
     """Import ``version`` (default: the champion) and build a Bento pinned to it; its tag."""
-    from serving.bentos import build_bento, import_registry_version
+    from bundle.bentos import build_bento
+    from bundle.model_import import import_registry_version
 
     settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="flood-bento-") as tmp:
@@ -42,7 +43,7 @@ def list_command() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from serving.bentos import list_bentos
+    from bundle.bentos import list_bentos
 
     table = Table("bento", "model version", "model tag", "created")
     table.columns[0].no_wrap = table.columns[2].no_wrap = True
@@ -73,7 +74,7 @@ def serve_command(
 ) -> None:
     """Serve a Bento; serving an older tag is how a deployment rolls back, and --replace
     does it without refusing a connection (serving.handover)."""
-    from serving.bentos import BentoError, bentoml_environ, find_bento, serve_argv
+    from bundle.bentos import BentoError, bentoml_environ, find_bento, serve_argv
     from serving.handover import (
         HANDOVER_DIR_ENV,
         handover_dir,

@@ -46,3 +46,43 @@ class DependencyUnavailableError(FloodError):
 
 class BackupError(FloodError):
     """A backup cannot be made, verified, restored or found; the message says which and why."""
+
+
+# -- refusals of a single request (the service edge maps each class to its status) --------
+
+
+class InvalidInputError(FloodError):
+    """A request body is malformed (``malformed``) or names invalid fields; ``detail`` lists
+    each problem as ``{"field", "reason", "type"}`` (or messages, for malformed JSON)."""
+
+    def __init__(self, message: str, *, detail: list[object], code: str, malformed: bool = False) -> None:
+        super().__init__(message)
+        self.detail = detail
+        self.code = code
+        self.malformed = malformed
+
+
+class TooLargeError(FloodError):
+    """A request is over a size limit: its body, its batch, or its cost against a rate limit."""
+
+    def __init__(self, message: str, *, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.headers = headers or {}
+
+
+class RateLimitedError(FloodError):
+    """A key's rate limit is reached; ``headers`` carry the limit state and Retry-After."""
+
+    def __init__(self, message: str, *, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.headers = headers
+
+
+class OverloadedError(FloodError):
+    """The model's batcher shed this request to keep latency within its deadline."""
+
+
+class ModelUnavailableError(FloodError):
+    """The model cannot answer now: not loaded yet, or its service dropped the call (its
+    worker died and is being restarted)."""

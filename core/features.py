@@ -114,7 +114,8 @@ def derive_features(raw: np.ndarray, *, wind_speed_fill: float) -> np.ndarray:
 _FEATURE_INDEX = {name: i for i, name in enumerate(ALL_FEATURES)}
 
 
-class FeatureBuilder(TransformerMixin, BaseEstimator):
+# scikit-learn ships no type information, so its base classes are Any to mypy.
+class FeatureBuilder(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """Raw observation fields -> model features (see the module docstring for missing values).
 
     ``features``: the derived features to pass on, in this order (default ``FEATURE_NAMES``).

@@ -32,7 +32,6 @@ INPUT_FIELDS: tuple[InputField, ...] = (
 )
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in INPUT_FIELDS)
 REQUIRED_FIELDS: tuple[str, ...] = tuple(f.name for f in INPUT_FIELDS if f.required)
-OPTIONAL_FIELDS: tuple[str, ...] = tuple(f.name for f in INPUT_FIELDS if not f.required)
 _BY_NAME = {f.name: f for f in INPUT_FIELDS}
 
 

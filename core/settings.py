@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Cost per row for each route; routes not listed cost one per row.
     rate_limit_route_weights: dict[str, int] = Field(default_factory=dict)
     rate_limit_policy: Literal["fail-open", "fail-closed"] = "fail-open"
+    # Where the limits are counted, as a `limits` storage URI (redis://, redis+sentinel://,
+    # redis+cluster://, memcached://, memory://); unset: REDIS_URL, else in-process.
+    rate_limit_storage_uri: str | None = None
     api_key_grace_hours: float = Field(default=24.0, ge=0)
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
     # While the database is unreachable, a key checked within this window is still judged
@@ -135,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.flood_home.resolve() / "reports"
+
+    @property
+    def effective_rate_limit_storage_uri(self) -> str:
+        return self.rate_limit_storage_uri or self.redis_url or "memory://"
 
     @property
     def effective_database_url(self) -> str:

@@ -398,8 +398,3 @@ class ApiKeyStore:
                 now_mono + max(self._cache_seconds, self._stale_seconds),
                 info,
             )
-
-    def clear_cache(self) -> None:
-        with self._cache_lock:
-            self._cache.clear()
-            self._unknown.clear()

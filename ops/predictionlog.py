@@ -201,10 +201,6 @@ class PredictionLog:
 
     # -- request path -----------------------------------------------------------------
 
-    def record(self, record: PredictionRecord) -> None:
-        """Enqueue ``record``; never blocks on the database."""
-        self.record_many([record])
-
     def record_many(self, records: Sequence[PredictionRecord]) -> None:
         """Enqueue one request's records; never blocks on the database."""
         overflow: list[PredictionRecord] = []

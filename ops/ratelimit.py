@@ -5,14 +5,16 @@ acquisition as one Lua script, so concurrent workers cannot both take the last s
 moving window was measured first and dropped: it stores one Redis entry per unit of cost,
 so a 256-row batch wrote 256 entries and high limits made every check scan long lists
 (batch requests stalled for seconds in the benchmark); the counter is O(1) per hit and
-weights the previous window, close to a moving window without its cost. Without REDIS_URL
-(the embedded default) the limiter is in-process, which is exact for one worker and
-per-worker otherwise.
+weights the previous window, close to a moving window without its cost.
 
-When Redis is unreachable RATE_LIMIT_POLICY decides: ``fail-open`` keeps serving with an
-in-process limiter (and reports itself degraded) or ``fail-closed`` refuses the request.
-After a failure Redis is left alone for a few seconds, so an outage costs one connect
-timeout per pause rather than one per request.
+The store is a setting, a ``limits`` storage URI (RATE_LIMIT_STORAGE_URI, by default
+REDIS_URL). Without either (the embedded default) it is ``memory://``: in-process, exact
+for one worker and per-worker otherwise.
+
+When the shared store is unreachable RATE_LIMIT_POLICY decides: ``fail-open`` keeps serving
+with an in-process limiter (and reports itself degraded) or ``fail-closed`` refuses the
+request. After a failure the store is left alone for a few seconds, so an outage costs one
+connect timeout per pause rather than one per request.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
-from limits.storage import MemoryStorage, RedisStorage
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from core.errors import ConfigurationError, DependencyUnavailableError
@@ -87,7 +89,7 @@ class RateLimiter:
         self,
         *,
         settings: Settings | None = None,
-        redis_url: str | None = None,
+        storage_uri: str | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         policy: str | None = None,
         redis_retry_seconds: float = _REDIS_RETRY_AFTER_S,
@@ -95,19 +97,15 @@ class RateLimiter:
         self._settings = settings or get_settings()
         self._tiers = parse_tiers(self._settings)
         self._policy = policy or self._settings.rate_limit_policy
-        url = redis_url if redis_url is not None else self._settings.redis_url
-        self.backend = "redis" if url else "memory"
+        uri = storage_uri if storage_uri is not None else self._settings.effective_rate_limit_storage_uri
+        self.backend = uri.split("://", 1)[0]  # "memory", "redis", "redis+sentinel", ...
         self._memory = SlidingWindowCounterRateLimiter(MemoryStorage())
         self._redis: SlidingWindowCounterRateLimiter | None = None
-        if url:
-            storage = RedisStorage(
-                url,
-                key_prefix=key_prefix,
-                wrap_exceptions=True,
-                socket_timeout=_REDIS_TIMEOUT_S,
-                socket_connect_timeout=_REDIS_TIMEOUT_S,
-            )
-            self._redis = SlidingWindowCounterRateLimiter(storage)
+        if self.backend != "memory":
+            options: dict[str, Any] = {"key_prefix": key_prefix, "wrap_exceptions": True}
+            if self.backend.startswith("redis"):
+                options |= {"socket_timeout": _REDIS_TIMEOUT_S, "socket_connect_timeout": _REDIS_TIMEOUT_S}
+            self._redis = SlidingWindowCounterRateLimiter(storage_from_string(uri, **options))
         self._lock = threading.Lock()
         self._redis_down_until = 0.0
         self._redis_retry_s = redis_retry_seconds

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# Celery ships no type information: its base classes and decorators are Any to mypy, hence
+# the targeted ignores on them below.
 from celery import Celery, Task
 from celery.beat import PersistentScheduler
 from celery.schedules import crontab
@@ -100,7 +102,7 @@ def next_run_at(entry: str, *, after: datetime) -> datetime:
     return result
 
 
-class HeartbeatScheduler(PersistentScheduler):
+class HeartbeatScheduler(PersistentScheduler):  # type: ignore[misc]
     """Beat's scheduler, touching ``<schedule file>.heartbeat`` every loop (at least once a
     minute) so a container healthcheck can tell a live beat from a hung one."""
 
@@ -124,14 +126,14 @@ def describe_schedule(*, now: datetime | None = None) -> list[str]:
     ]
 
 
-@beat_init.connect
+@beat_init.connect  # type: ignore[untyped-decorator]
 def _log_schedule(**_: Any) -> None:
     # Operators starting beat should see what it will send and when, not just "beat: Starting".
     for line in describe_schedule():
         logger.info("beat schedule: %s", line)
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _reset_engines(**_: Any) -> None:
     # A forked pool process must not share the parent's database connections.
     dispose_engines()
@@ -146,7 +148,7 @@ def _reset_engines(**_: Any) -> None:
     retry_backoff_max=1800,
     soft_time_limit=_BACKUP_TIME_LIMIT_S - 300,
     time_limit=_BACKUP_TIME_LIMIT_S,
-)
+)  # type: ignore[untyped-decorator]
 def run_backup_task(self: Task, kind: backup.BackupKind = "full") -> dict[str, Any]:
     manifest = backup.run_backup(kind=kind)
     logger.info("task %s: %s backup %s", self.request.id, kind, manifest.file)
@@ -161,7 +163,7 @@ def run_backup_task(self: Task, kind: backup.BackupKind = "full") -> dict[str, A
     }
 
 
-@app.task(name="flood.backup.cleanup")
+@app.task(name="flood.backup.cleanup")  # type: ignore[untyped-decorator]
 def cleanup_backups_task() -> dict[str, Any]:
     return {"removed": backup.cleanup_backups()}
 
@@ -171,7 +173,7 @@ def cleanup_backups_task() -> dict[str, Any]:
     autoretry_for=(OSError,),
     max_retries=3,
     retry_backoff=600,
-)
+)  # type: ignore[untyped-decorator]
 def purge_prediction_log_task() -> dict[str, Any]:
     result = retention.purge_prediction_log()
     return {

@@ -62,9 +62,10 @@ def connect() -> MlflowClient:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client: MlflowClient = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     except Exception as exc:
         raise RegistryError(f"cannot open the MLflow store at {display_uri(uri)}: {exc}") from exc
+    return client
 
 
 def ensure_experiment(client: MlflowClient) -> str:

@@ -71,7 +71,13 @@ def model_signature() -> ModelSignature:
     from mlflow.types import ColSpec, Schema, TensorSpec
     from mlflow.types.schema import AnyType
 
-    inputs = Schema([ColSpec(AnyType(), f.name, required=f.required) for f in INPUT_FIELDS])
+    inputs = Schema(
+        [
+            # MLflow's AnyType has an unannotated __init__.
+            ColSpec(AnyType(), f.name, required=f.required)  # type: ignore[no-untyped-call]
+            for f in INPUT_FIELDS
+        ]
+    )
     outputs = Schema([TensorSpec(np.dtype(np.float64), (-1,))])
     return ModelSignature(inputs=inputs, outputs=outputs)
 

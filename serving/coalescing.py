@@ -45,10 +45,6 @@ class RowCoalescer:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     async def predict(self, rows: np.ndarray) -> np.ndarray:
         answer: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(rows, answer))

@@ -106,12 +106,15 @@ def migration_enabled() -> bool:
 
 
 def _patch_circus() -> None:
-    from bentoml._internal.utils.circus import Arbiter
     from circus.sockets import CircusSocket
+
+    from serving import bentoml_internals
+
+    Arbiter = bentoml_internals.resolve("arbiter")  # noqa: N806
 
     original_init: Callable[..., None] = CircusSocket.__init__
     original_listen: Callable[[CircusSocket], None] = CircusSocket.bind_and_listen
-    original_stop: Callable[[Arbiter], Any] = Arbiter.stop
+    original_stop: Callable[[Any], Any] = Arbiter.stop
 
     def init(self: CircusSocket, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
@@ -126,7 +129,7 @@ def _patch_circus() -> None:
         if self.name == API_SOCKET_NAME:
             steer(self, 0)  # the server already here keeps the traffic while this one starts
 
-    def stop(self: Arbiter) -> Any:
+    def stop(self: Any) -> Any:
         api_socket = self.sockets.get(API_SOCKET_NAME)
         if api_socket is not None:
             # Leave the reuseport group now, not after draining: the next server takes the
@@ -136,7 +139,7 @@ def _patch_circus() -> None:
 
     CircusSocket.__init__ = init
     CircusSocket.bind_and_listen = bind_and_listen
-    Arbiter.stop = stop  # type: ignore[method-assign]
+    Arbiter.stop = stop
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving import bentoml_internals
+
 OTHER_PATH_LABEL = "other"
 # BentoML's own routes on the API service (health probes, metrics, its docs).
 BENTOML_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/docs", "/"})
@@ -43,8 +45,7 @@ def bound_request_metric_labels(known_paths: Iterable[str]) -> None:
     """Relabel requests to paths outside ``known_paths`` (plus BentoML's) as ``other`` in
     BentoML's request metrics. Call it where the service is defined: BentoML imports its
     metrics middleware class when a worker builds its app, after loading the service."""
-    from bentoml._internal.server.http import instruments
-
+    instruments = bentoml_internals.resolve("instruments")
     base = instruments.RunnerTrafficMetricsMiddleware
     if getattr(base, "flood_bounded", False):
         return
@@ -54,18 +55,16 @@ def bound_request_metric_labels(known_paths: Iterable[str]) -> None:
         flood_bounded = True
 
         def __init__(self, app: ASGIApp, **options: Any) -> None:
-            from bentoml._internal.context import server_context
-
             super().__init__(_RestorePath(app), **options)
             # The worker's own @bentoml.api routes (the model service's /predict).
-            self._known = known | frozenset(server_context.service_routes)
+            self._known = known | bentoml_internals.worker_service_routes()
 
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] in ("http", "websocket") and scope["path"] not in self._known:
                 scope = {**scope, "path": OTHER_PATH_LABEL, _ORIGINAL_PATH: scope["path"]}
             await super().__call__(scope, receive, send)
 
-    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetrics  # type: ignore[misc, assignment]
+    instruments.RunnerTrafficMetricsMiddleware = BoundedTrafficMetrics
 
 
 def escape_control_characters(text: str) -> str:

@@ -1,4 +1,7 @@
-"""Dependency checks behind ``/health/detailed`` and ``/health/ready``.
+"""Dependency checks behind ``/health/detailed``, ``/health/ready`` and BentoML's ``/readyz``.
+
+:func:`check_service` is the one readiness: the route and the service's ``__is_ready__``
+both call it, so ``/health/ready`` and ``/readyz`` cannot disagree.
 
 Each check reports a status and how long it took; a check never raises. Only the model
 blocks readiness unconditionally. An unreachable database degrades the service but leaves
@@ -19,11 +22,17 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import anyio.to_thread
+import numpy as np
+
+from core.observation import FIELD_NAMES
+from core.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["healthy", "unhealthy", "not_configured"]
 CHECK_TIMEOUT_S = 2.0
+_PROBE_ROW = np.array([[28.0, 85.0, 50.0] + [np.nan] * (len(FIELD_NAMES) - 3)])
+PredictProba = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -112,3 +121,26 @@ async def check_dependencies(
 
 def overall_status(results: list[CheckResult]) -> Literal["healthy", "degraded"]:
     return "healthy" if all(r.status != "unhealthy" for r in results) else "degraded"
+
+
+async def check_service(predict_proba: PredictProba | None) -> list[CheckResult]:
+    """Every check, the model probed through the same path as a prediction (None: no model)."""
+
+    async def probe_model() -> None:
+        if predict_proba is None:
+            raise RuntimeError("model is not loaded")
+        await predict_proba(_PROBE_ROW)
+
+    settings = get_settings()
+    return await check_dependencies(
+        probe_model,
+        database_url=settings.effective_database_url,
+        redis_url=settings.redis_url,
+        # Failing open, the service keeps serving without Redis: a replica that is not
+        # ready would be taken out of rotation for nothing (all replicas share Redis).
+        redis_required=settings.rate_limit_policy == "fail-closed",
+    )
+
+
+def is_ready(results: list[CheckResult]) -> bool:
+    return not any(r.blocks_readiness for r in results)

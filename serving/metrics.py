@@ -7,16 +7,26 @@ the few model versions one Bento can serve (one), a handful of routes, the four 
 key is refused, the configured tiers.
 
 Metrics that are not per-process counts (the backup catalogue, read from files at scrape
-time) cannot live in that multiprocess registry; :func:`scrape_time_metrics` renders them
-for the API service to append to BentoML's ``/metrics`` output.
+time by :class:`BackupMetricsCollector`) cannot live in that multiprocess registry;
+:func:`scrape_time_metrics` renders them for the API service to append to BentoML's
+``/metrics`` output.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ops.backup.catalogue import backup_summary
+
+logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -78,10 +88,58 @@ def get_metrics() -> ServingMetrics:
     )
 
 
+class BackupMetricsCollector(Collector):
+    """Prometheus gauges read from the backup catalogue at scrape time.
+
+    Register it on the registry that serves ``/metrics``; it reads a directory of small JSON
+    files, so a scrape costs a few milliseconds and never touches the database.
+    """
+
+    def __init__(self, backup_dir: Path | None = None) -> None:
+        self._backup_dir = backup_dir
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            summary = backup_summary(backup_dir=self._backup_dir)
+        except Exception:
+            # A scrape must not fail because the backups volume is missing or unreadable;
+            # the absent last-success gauge is what the alert fires on.
+            logger.exception("cannot read the backup catalogue")
+            return
+        success = GaugeMetricFamily(
+            "flood_backup_last_success_timestamp_seconds",
+            "Unix time the newest backup of each kind started",
+            labels=["kind"],
+        )
+        size = GaugeMetricFamily(
+            "flood_backup_last_size_bytes", "Size of the newest backup of each kind", labels=["kind"]
+        )
+        duration = GaugeMetricFamily(
+            "flood_backup_last_duration_seconds",
+            "How long the newest backup of each kind took",
+            labels=["kind"],
+        )
+        for kind, manifest in sorted(summary.latest.items()):
+            success.add_metric([kind], manifest.created_at.timestamp())
+            size.add_metric([kind], manifest.size_bytes)
+            duration.add_metric([kind], manifest.duration_seconds)
+        files = GaugeMetricFamily("flood_backup_files", "Backups kept, by kind", labels=["kind"])
+        for kind, count in sorted(summary.counts.items()):
+            files.add_metric([kind], count)
+        failures = CounterMetricFamily(
+            "flood_backup_failures", "Backup attempts that failed", value=summary.failures_total
+        )
+        yield from (success, size, duration, files, failures)
+        if summary.last_failure_at is not None:
+            yield GaugeMetricFamily(
+                "flood_backup_last_failure_timestamp_seconds",
+                "Unix time of the last failed backup attempt",
+                value=summary.last_failure_at.timestamp(),
+            )
+
+
 @functools.cache
 def _scrape_time_registry() -> CollectorRegistry:
-    from ops.backup import BackupMetricsCollector
-
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BackupMetricsCollector())
     return registry

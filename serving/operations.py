@@ -1,10 +1,9 @@
-"""API keys, rate limits and the prediction log as the HTTP edge runs them.
+"""API keys, rate limits and the prediction log as one API worker runs them.
 
 One :class:`EdgeOperations` per API worker, created when the worker starts and closed when
-it stops (the close flushes the prediction log). Its methods are the guard, charge and
-listener of :mod:`serving.hooks`; the status codes for ops refusals are chosen here:
-401 for a key, 429 (or 413 when one request costs more than the whole limit) for a rate
-limit, 503 when a dependency needed to decide is down.
+it stops (the close flushes the prediction log). The edge's dependencies
+(``serving.api.deps``) call it; it refuses with domain exceptions (``core.errors``) and
+the edge chooses their status codes.
 
 The key check and a Redis rate-limit call are synchronous and may wait on the network (a
 cache miss asks the database; an unreachable PostgreSQL costs its connect timeout), so
@@ -17,31 +16,22 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio.to_thread
 from prometheus_client import Counter
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
-from core.errors import AuthenticationError, DependencyUnavailableError
+from core.errors import AuthenticationError, DependencyUnavailableError, RateLimitedError, TooLargeError
 from core.settings import Settings, get_settings
 from ops.keys import ApiKeyInfo, ApiKeyStore, extract_api_key
 from ops.predictionlog import PredictionLog, PredictionRecord
 from ops.ratelimit import RateLimitDecision, RateLimiter
-from serving.hooks import EdgeHooks, edge_headers
 from serving.metrics import get_metrics
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_AUTH_CHALLENGE = 'Bearer realm="flood-risk", charset="UTF-8"'
-_RETRY_AFTER_UNAVAILABLE_S = "5"
-
-
-def _refusal(status: int, message: str, *, reason: str, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
 
 
 class _CounterExport:
@@ -103,17 +93,15 @@ class EdgeOperations:
         )
         return cls(keys=keys, limiter=limiter, log=log)
 
-    def hooks(self) -> EdgeHooks:
-        return EdgeHooks(
-            guards=[self.authenticate], charges=[self.charge], listeners=[self.record], health=self.health
-        )
-
     # -- request path -----------------------------------------------------------------
 
-    async def authenticate(self, request: Request) -> Response | None:
+    async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyInfo | None:
+        """The request's key, or None when keys are off (bypass); refuses with
+        ``AuthenticationError`` or, when the database is needed and down,
+        ``DependencyUnavailableError``."""
         if self.keys is None:
             return None
-        raw_key = extract_api_key(request.headers)
+        raw_key = extract_api_key(headers)
         try:
             # A cached answer costs microseconds, far less than a hop to the thread pool.
             info = self.keys.verify_cached_key(raw_key)
@@ -121,52 +109,42 @@ class EdgeOperations:
                 info = await anyio.to_thread.run_sync(self.keys.verify_key, raw_key)
         except AuthenticationError as exc:
             get_metrics().auth_refusals.labels(reason=exc.reason).inc()
-            return _refusal(401, str(exc), reason=exc.reason, headers={"WWW-Authenticate": _AUTH_CHALLENGE})
-        except DependencyUnavailableError as exc:
+            raise
+        except DependencyUnavailableError:
             get_metrics().auth_refusals.labels(reason="unavailable").inc()
-            return _refusal(
-                503, str(exc), reason="unavailable", headers={"Retry-After": _RETRY_AFTER_UNAVAILABLE_S}
-            )
-        request.state.api_key = info
-        request.state.key_id = info.key_id
-        return None
+            raise
+        return info
 
-    async def charge(self, request: Request, route: str, rows: int) -> Response | None:
-        info: ApiKeyInfo | None = getattr(request.state, "api_key", None)
-        if info is None:  # auth bypass: limits are per key, and there is none
-            return None
+    async def charge(self, key: ApiKeyInfo, *, route: str, rows: int) -> dict[str, str]:
+        """Take this request's cost from the key's limits; the rate-limit headers to send.
+
+        Refuses with ``RateLimitedError``, ``TooLargeError`` (one request costs more than the
+        whole limit: waiting cannot help) or ``DependencyUnavailableError`` (fail-closed).
+        """
         cost = self.limiter.cost_for(route, rows)
         try:
-            decision = await self._run(functools.partial(self.limiter.hit, info.key_id, info.tier, cost=cost))
-        except DependencyUnavailableError as exc:
-            return _refusal(
-                503, str(exc), reason="unavailable", headers={"Retry-After": _RETRY_AFTER_UNAVAILABLE_S}
-            )
+            decision = await self._run(functools.partial(self.limiter.hit, key.key_id, key.tier, cost=cost))
         finally:
             self._sync_counters()
         headers = decision.headers()
-        edge_headers(request).update(headers)
-        if decision.allowed:
-            return None
-        get_metrics().rate_limited.labels(tier=info.tier).inc()
-        return self._limit_refusal(decision, cost=cost, tier=info.tier, headers=headers)
+        if not decision.allowed:
+            get_metrics().rate_limited.labels(tier=key.tier).inc()
+            raise self._limit_refusal(decision, cost=cost, tier=key.tier, headers=headers)
+        return headers
 
     @staticmethod
     def _limit_refusal(
         decision: RateLimitDecision, *, cost: int, tier: str, headers: dict[str, str]
-    ) -> Response:
+    ) -> TooLargeError | RateLimitedError:
         if decision.cost_too_high:
-            return _refusal(
-                413,
+            return TooLargeError(
                 f"this request costs {cost}, more than tier {tier}'s limit of {decision.limit}; "
                 "send fewer observations per batch",
-                reason="cost_exceeds_limit",
+                code="cost_exceeds_limit",
                 headers=headers,
             )
-        return _refusal(
-            429,
+        return RateLimitedError(
             f"rate limit of {decision.limit} for tier {tier} reached; retry after {decision.retry_after} s",
-            reason="rate_limited",
             headers=headers,
         )
 
@@ -175,7 +153,7 @@ class EdgeOperations:
             return call()
         return await anyio.to_thread.run_sync(call)
 
-    async def record(self, _: Request, records: Sequence[PredictionRecord]) -> None:
+    def record(self, records: Sequence[PredictionRecord]) -> None:
         self.log.record_many(records)
         self._sync_counters()
 

@@ -13,7 +13,9 @@ tag, today or after a rollback, loads exactly that model and never ``latest``.
 Before any worker starts, the deployment hook refuses unsafe production settings, an
 unsigned or altered model (REQUIRE_MODEL_SIGNATURE) and an outdated ops schema. Each API
 worker then holds its own key store, rate limiter and prediction log
-(``serving.operations``), flushed when the worker stops.
+(``serving.operations``), flushed when the worker stops. The HTTP edge is the FastAPI app
+of ``serving.api``, mounted here; its routes reach this service through
+``bentoml.get_current_service`` (``serving.api.deps``).
 """
 
 from __future__ import annotations
@@ -29,21 +31,22 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from core.errors import FloodError
+from core.errors import FloodError, ModelUnavailableError, OverloadedError
 from core.settings import get_settings
 from ops.signing import check_model_at_start
-from serving.bentos import GRACEFUL_SHUTDOWN_S, pinned_model_tag
+from serving import bentoml_internals
+from serving.api.app import OPENAPI_PATH, create_app
+from serving.api.headers import ResponseHeaders
 from serving.coalescing import RowCoalescer
 from serving.handover import mark_worker_ready
 from serving.hardening import bound_request_metric_labels, escape_access_log
-from serving.hooks import EdgeHooks
-from serving.http import ModelUnavailable, Overloaded, ResponseHeaders, create_app
+from serving.health import check_service, is_ready
 from serving.memory import tune_garbage_collector
 from serving.metrics import get_metrics, scrape_time_metrics
-from serving.model_store import served_model_of
+from serving.model_store import pinned_model_tag, served_model_of
 from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
-from serving.shutdown import outlive_callers
+from serving.shutdown import GRACEFUL_SHUTDOWN_S, outlive_callers
 from serving.startup import check_service_start
 
 logger = logging.getLogger(__name__)
@@ -114,16 +117,12 @@ def _current_backend() -> FloodRiskAPI | None:
         return None
 
 
-def _current_hooks() -> EdgeHooks:
-    backend = _current_backend()
-    # Without a service instance the routes answer 503 before any hook would matter.
-    return backend.hooks if backend is not None else EdgeHooks()
-
-
-edge_app = create_app(_current_backend, hooks_factory=_current_hooks)
+edge_app = create_app()
 # Part of defining the service, like the decorators below: BentoML builds each worker's
 # middleware after loading this module.
-bound_request_metric_labels(route.path for route in edge_app.routes if hasattr(route, "path"))
+# The app's documented paths: FastAPI keeps included routers nested, so its route list
+# alone does not name them.
+bound_request_metric_labels([*edge_app.openapi()["paths"], OPENAPI_PATH])
 
 
 @bentoml.asgi_app(edge_app, path="/")
@@ -150,8 +149,8 @@ class FloodRiskAPI:
         stored = self.bento_model
         self._served = served_model_of(stored)
         self._engine = engine_for(Path(stored.path))
-        self.operations = EdgeOperations.start()
-        self._hooks = self.operations.hooks()
+        self._bento_tag = bentoml_internals.current_bento_tag() or "(development)"
+        self._operations = EdgeOperations.start()
         self._coalescer = (
             RowCoalescer(self._call_model, max_rows=MAX_BATCH_SIZE, max_in_flight=MODEL_CALLS_IN_FLIGHT)
             if get_settings().serving_batching
@@ -173,15 +172,19 @@ class FloodRiskAPI:
 
     @bentoml.on_shutdown
     def close_operations(self) -> None:
-        self.operations.close()
+        self._operations.close()
+
+    async def __is_ready__(self) -> bool:
+        """BentoML's ``/readyz``: the same checks as ``/health/ready``."""
+        return is_ready(await check_service(self.predict_proba))
 
     def __metrics__(self, content: str) -> str:
         """BentoML's /metrics output plus what is read at scrape time (backups)."""
         return content + scrape_time_metrics()
 
     @property
-    def hooks(self) -> EdgeHooks:
-        return self._hooks
+    def operations(self) -> EdgeOperations:
+        return self._operations
 
     @property
     def served(self) -> ServedModel:
@@ -193,11 +196,7 @@ class FloodRiskAPI:
 
     @property
     def bento_tag(self) -> str:
-        from bentoml._internal.context import server_context
-
-        if server_context.bento_name and server_context.bento_version != "not available":
-            return f"{server_context.bento_name}:{server_context.bento_version}"
-        return "(development)"
+        return self._bento_tag
 
     async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
         if self._coalescer is None:
@@ -208,12 +207,12 @@ class FloodRiskAPI:
         try:
             return np.asarray(await self.model.to_async.predict(raw), dtype=np.float64)
         except ServiceUnavailable as exc:
-            raise Overloaded(str(exc)) from exc
+            raise OverloadedError("overloaded, retry shortly") from exc
         except aiohttp.ClientError as exc:
             # A call in flight when the model worker died (the arbiter restarts it; calls
             # made meanwhile wait for it). Retrying is the client's choice: 503.
             logger.warning("model service call failed: %s", exc)
-            raise ModelUnavailable(str(exc)) from exc
+            raise ModelUnavailableError("model service unavailable, retry shortly") from exc
 
 
 # The decorated class is a bentoml Service; type checkers still see the plain class.

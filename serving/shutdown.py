@@ -25,6 +25,9 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
+# What `flood serve` passes as --timeout-graceful-shutdown: how long the API drains after
+# SIGTERM. The services size the model worker's wait for its callers from it.
+GRACEFUL_SHUTDOWN_S = 30
 _POLL_S = 0.05
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 Handler = Callable[[int, FrameType | None], Any]

@@ -17,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core.errors import BackupError
 from core.settings import Settings, get_settings
-from ops.backup import BackupMetricsCollector, run_backup
+from ops.backup import run_backup
 from ops.configcheck import find_config_problems
 from ops.migrations import upgrade_database
 from ops.tasks import BACKUP_QUEUE, HEARTBEAT_SUFFIX, MAINTENANCE_QUEUE, celery_config
+from serving.metrics import BackupMetricsCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -124,9 +124,10 @@ def served_bento(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
     """A small synthetic champion built into a Bento the way `flood bento build` does, served
     over HTTP, with an API key whose tier is far above the test's traffic."""
     import registry
+    from bundle.bentos import build_bento, find_bento
+    from bundle.model_import import import_registry_version
     from ops.keys import ApiKeyStore
     from ops.migrations import upgrade_database
-    from serving.bentos import build_bento, find_bento, import_registry_version
     from training.pipeline import train_model
     from training.synthetic import generate_dataset
 

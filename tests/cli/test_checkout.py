@@ -73,9 +73,11 @@ def test_builds_twice_and_serves_the_champion_after_rollback(
         src = bento / "src"
         stray = [p for p in src.rglob("*") if {".flood", "tests"} & set(p.relative_to(src).parts)]
         assert not stray, f"{bento.name} carries checkout state: {stray[:3]}"
+        build_code = {"training", "bundle"} & {p.name for p in src.iterdir()}
+        assert not build_code, f"{bento.name} carries build-time code: {sorted(build_code)}"
         assert (bento / "src" / "service.py").is_file()
 
-    from serving.bentos import find_bento, list_bentos
+    from bundle.bentos import find_bento, list_bentos
 
     monkeypatch.setenv("FLOOD_HOME", str(home))
     get_settings.cache_clear()

@@ -61,7 +61,7 @@ def test_records_land_in_postgres_with_every_field(postgres_url: str, flood_home
     log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20)
     log.start()
     record = make_record()
-    log.record(record)
+    log.record_many([record])
     assert log.flush(10)
     log.close()
     engine = create_engine(postgres_url)
@@ -85,7 +85,7 @@ def test_duplicate_request_ids_land_once(postgres_url: str) -> None:
     log.start()
     record = make_record()
     for _ in range(3):
-        log.record(record)
+        log.record_many([record])
         log.flush(10)
     log.close()
     assert logged_ids(postgres_url) == [record.request_id]
@@ -106,7 +106,7 @@ def test_postgres_outage_while_predictions_run(
         for _ in range(count):
             record = make_record()
             start = time.perf_counter()
-            log.record(record)  # the request path: must never fail or block
+            log.record_many([record])  # the request path: must never fail or block
             enqueue_times.append(time.perf_counter() - start)
             sent.append(record.request_id)
             time.sleep(0.002)
@@ -144,7 +144,7 @@ def test_close_with_database_down_keeps_everything_in_the_journal(
     first.start()
     records = [make_record() for _ in range(25)]
     for record in records:
-        first.record(record)
+        first.record_many([record])
     first.close()  # graceful shutdown: nothing lost although nothing could be inserted
     journaled = list((flood_home / "journal").glob("*.jsonl"))
     assert sum(len(p.read_text().splitlines()) for p in journaled) == 25
@@ -169,7 +169,7 @@ def test_replaying_rows_that_already_landed_does_not_duplicate(postgres_url: str
     log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20)
     log.start()
     for record in records[:6]:
-        log.record(record)
+        log.record_many([record])
     log.flush(10)
     log.close()
     journal = log.journal_path
@@ -210,7 +210,7 @@ def test_sqlite_default_with_injected_outage(settings: Settings, flood_home: Pat
         if index == 20:
             log.flush(10)
             flaky.down.clear()
-        log.record(record)
+        log.record_many([record])
     log.close()
     with get_engine().connect() as connection:
         count = connection.scalar(select(func.count()).select_from(PredictionLogRow))

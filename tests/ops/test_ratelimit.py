@@ -44,7 +44,7 @@ def test_default_tiers_match_the_issue() -> None:
 def test_each_tier_allows_exactly_its_limit(
     tiers: dict[str, str], redis_url: str, redis_prefix: str, tier: str, limit: int
 ) -> None:
-    limiter = RateLimiter(redis_url=redis_url, key_prefix=redis_prefix)
+    limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert allowed_count(limiter, "key-a", tier, limit + 3) == limit
     # Limits are per key: another key of the same tier starts fresh.
     assert limiter.hit("key-b", tier).allowed
@@ -52,7 +52,7 @@ def test_each_tier_allows_exactly_its_limit(
 
 @pytest.mark.redis
 def test_headers_and_retry_after(tiers: dict[str, str], redis_url: str, redis_prefix: str) -> None:
-    limiter = RateLimiter(redis_url=redis_url, key_prefix=redis_prefix)
+    limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     first = limiter.hit("k", "free")
     assert first.allowed and not first.degraded
     headers = first.headers()
@@ -72,7 +72,7 @@ def test_headers_and_retry_after(tiers: dict[str, str], redis_url: str, redis_pr
 def test_multiple_windows_and_refusals_do_not_drain_the_longer_one(
     tiers: dict[str, str], redis_url: str, redis_prefix: str
 ) -> None:
-    limiter = RateLimiter(redis_url=redis_url, key_prefix=redis_prefix)
+    limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert allowed_count(limiter, "k", "tiny", 10) == 3  # 3/minute binds first
     import redis
 
@@ -90,7 +90,7 @@ def test_batch_costs_by_rows(
 ) -> None:
     monkeypatch.setenv("RATE_LIMIT_ROUTE_WEIGHTS", json.dumps({"predict_batch": 2}))
     get_settings.cache_clear()
-    limiter = RateLimiter(redis_url=redis_url, key_prefix=redis_prefix)
+    limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert limiter.cost_for("predict", 1) == 1
     assert limiter.cost_for("predict_batch", 4) == 8
     assert limiter.hit("k", "basic", cost=limiter.cost_for("predict_batch", 8)).remaining == 4
@@ -101,7 +101,7 @@ def test_batch_costs_by_rows(
 
 
 def _hit_many(prefix: str, attempts: int, start_at: float) -> int:
-    limiter = RateLimiter(redis_url=REDIS_URL, key_prefix=prefix)
+    limiter = RateLimiter(storage_uri=REDIS_URL, key_prefix=prefix)
     time.sleep(max(0.0, start_at - time.time()))
     return allowed_count(limiter, "shared-key", "basic", attempts)
 
@@ -118,7 +118,7 @@ def test_two_processes_share_one_limit(tiers: dict[str, str], redis_url: str, re
 
 @pytest.mark.redis
 def test_unreachable_redis_fail_open_uses_the_in_process_limiter(tiers: dict[str, str]) -> None:
-    limiter = RateLimiter(redis_url=CLOSED_PORT_URL, policy="fail-open")
+    limiter = RateLimiter(storage_uri=CLOSED_PORT_URL, policy="fail-open")
     decisions = [limiter.hit("k", "free") for _ in range(7)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False] * 2
     assert all(d.degraded for d in decisions)
@@ -129,7 +129,7 @@ def test_unreachable_redis_fail_open_uses_the_in_process_limiter(tiers: dict[str
 
 @pytest.mark.redis
 def test_unreachable_redis_fail_closed_refuses(tiers: dict[str, str]) -> None:
-    limiter = RateLimiter(redis_url=CLOSED_PORT_URL, policy="fail-closed")
+    limiter = RateLimiter(storage_uri=CLOSED_PORT_URL, policy="fail-closed")
     with pytest.raises(DependencyUnavailableError, match="fail-closed"):
         limiter.hit("k", "free")
 
@@ -140,7 +140,7 @@ def test_redis_going_down_and_coming_back(tiers: dict[str, str], redis_url: str,
     proxy.start()
     try:
         limiter = RateLimiter(
-            redis_url=proxy.url_for(redis_url, 6379),
+            storage_uri=proxy.url_for(redis_url, 6379),
             key_prefix=redis_prefix,
             redis_retry_seconds=0.2,
         )
@@ -171,3 +171,18 @@ def test_bad_tier_notation_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> No
     get_settings.cache_clear()
     with pytest.raises(ConfigurationError, match="RATE_LIMIT_TIERS"):
         RateLimiter()
+
+
+def test_the_store_is_a_storage_uri_setting(
+    tiers: dict[str, str], monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_prefix: str
+) -> None:
+    """RATE_LIMIT_STORAGE_URI picks the store by URI, over REDIS_URL; memory:// is in-process."""
+    monkeypatch.setenv("REDIS_URL", CLOSED_PORT_URL)
+    monkeypatch.setenv("RATE_LIMIT_STORAGE_URI", redis_url)
+    get_settings.cache_clear()
+    shared = RateLimiter(key_prefix=redis_prefix)
+    assert shared.backend == "redis" and not shared.hit("k", "basic").degraded
+    monkeypatch.setenv("RATE_LIMIT_STORAGE_URI", "memory://")
+    get_settings.cache_clear()
+    local = RateLimiter()
+    assert local.backend == "memory" and allowed_count(local, "k", "free", 8) == 5

@@ -12,7 +12,7 @@ from core.settings import Settings, get_settings
 from ops.migrations import upgrade_database
 from ops.retention import purge_prediction_log
 from ops.tables import PredictionLogRow
-from tests.ops.backup_support import insert_rows, table_counts
+from tests.ops.backup.support import insert_rows, table_counts
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

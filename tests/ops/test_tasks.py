@@ -30,7 +30,7 @@ from ops.tasks import (
     next_run_at,
 )
 from tests.conftest import REDIS_URL, require_service
-from tests.ops.backup_support import insert_rows, table_counts, upgraded_postgres_database
+from tests.ops.backup.support import insert_rows, table_counts, upgraded_postgres_database
 
 MANILA = ZoneInfo("Asia/Manila")
 

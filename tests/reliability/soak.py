@@ -31,11 +31,12 @@ import httpx
 import psutil
 from pydantic import SecretStr
 
+from bundle.bentos import build_bento, find_bento
+from bundle.model_import import import_registry_version
 from core.settings import Settings, get_settings
 from ops.database import dispose_engines, scratch_postgres_database
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
-from serving.bentos import build_bento, find_bento, import_registry_version
 from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.reliability.load import log_counts
 from tests.serving.conftest import TEST_TIERS, start_server, stop_server

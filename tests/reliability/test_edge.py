@@ -27,12 +27,12 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from bundle.bentos import find_bento
 from core.settings import Settings
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
-from serving.bentos import find_bento
-from serving.http import OPENAPI_PATH
+from serving.api.app import OPENAPI_PATH
 from tests.reliability.conftest import Figure, record_figure
 from tests.serving.conftest import TEST_TIERS, BuiltHome, Server, start_server, stop_server
 from tests.serving.test_ops_http import expect_refusal
@@ -232,8 +232,6 @@ def test_key_hashes_are_compared_in_constant_time(tmp_path: Path, monkeypatch: p
     ``hmac.compare_digest``; timing the comparison instead would be noise on a shared CI box."""
     import hmac
 
-    import ops.keys
-
     home = Settings(
         flood_home=tmp_path, secret_key=SecretStr(secrets.token_urlsafe(48)), rate_limit_tiers=TEST_TIERS
     )
@@ -247,7 +245,8 @@ def test_key_hashes_are_compared_in_constant_time(tmp_path: Path, monkeypatch: p
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(ops.keys.hmac, "compare_digest", spy)
+    # The hmac module ops.keys uses (named by its import path: ops.keys does not re-export it).
+    monkeypatch.setattr("ops.keys.hmac.compare_digest", spy)
     guess = key[:-1] + ("A" if key[-1] != "A" else "B")
     with pytest.raises(Exception, match="not recognised"):
         store.verify_key(guess)

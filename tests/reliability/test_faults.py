@@ -21,6 +21,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import create_engine, func, select, text
 
+from bundle.bentos import find_bento
 from core.errors import BackupError
 from core.settings import Settings
 from ops.backup import restore_backup, run_backup, verify_backup
@@ -28,7 +29,6 @@ from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
 from ops.tables import PredictionLogRow
-from serving.bentos import find_bento
 from tests.reliability.conftest import Figure, record_figure
 from tests.reliability.load import DAY, BackgroundLoad, Outcome, answered_ids, log_counts, statuses
 from tests.reliability.services import PrivatePostgres, PrivateRedis

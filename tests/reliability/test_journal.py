@@ -21,11 +21,11 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
+from bundle.bentos import find_bento
 from core.settings import Settings
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
-from serving.bentos import find_bento
 from tests.conftest import fresh_postgres_database
 from tests.ops.proxy import FaultyProxy
 from tests.reliability.conftest import Figure, record_figure

@@ -24,11 +24,12 @@ from core.settings import get_settings
 from ops.database import dispose_engines
 from ops.migrations import upgrade_database
 from ops.tables import PredictionLogRow
-from serving.http import ResponseHeaders, body_limit_bytes, create_app
+from serving.api.app import create_app
+from serving.api.deps import body_limit_bytes
 from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
+from tests.serving.api.test_app import LocalBackend, serve_backend
 from tests.serving.conftest import TEST_TIERS, issue_key
-from tests.serving.test_http import LocalBackend
 
 pytestmark = [pytest.mark.faults]
 
@@ -85,12 +86,11 @@ def edge(
     upgrade_database(settings_.effective_database_url)
     key = issue_key(settings_, tier="load")
     served, model_dir = served_model
-    backend = LocalBackend(served=served, predictor=predictor, engine=engine_for(model_dir))
     operations = EdgeOperations.start(settings_)
-    hooks = operations.hooks()
-    app = ResponseHeaders(
-        create_app(lambda: backend, hooks_factory=lambda: hooks), get_backend=lambda: backend
+    backend = LocalBackend(
+        served=served, predictor=predictor, engine=engine_for(model_dir), operations=operations
     )
+    app = serve_backend(create_app(), backend)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Edge(client, key, settings_.effective_database_url, operations)
     operations.close()
@@ -146,7 +146,7 @@ def test_out_of_range_values_are_422_naming_the_field(edge: Edge, case: tuple[di
     body, name = case
     answer = edge.predict(body)
     assert answer.status_code == 422, answer.text
-    assert name in {d["field"] for d in answer.json()["detail"]}
+    assert name in {d["field"] for d in answer.json()["error"]["detail"]}
 
 
 WRONG_TYPES = st.one_of(
@@ -172,7 +172,7 @@ def test_wrong_types_are_422(edge: Edge, name: str, value: Any) -> None:
         return  # null is how an optional field says "not measured"
     answer = edge.predict({**DAY, name: value})
     assert answer.status_code == 422, answer.text
-    assert answer.json()["detail"][0]["field"] in (name, f"{name}.[key]", "(body)")
+    assert answer.json()["error"]["detail"][0]["field"] in (name, f"{name}.[key]", "(body)")
 
 
 @HYPOTHESIS
@@ -207,7 +207,7 @@ def test_missing_and_unknown_fields_are_named(edge: Edge, missing: set[str], unk
     body = {k: v for k, v in DAY.items() if k not in missing} | unknown
     answer = edge.predict(body)
     assert answer.status_code == 422, answer.text
-    fields = {d["field"] for d in answer.json()["detail"]}
+    fields = {d["field"] for d in answer.json()["error"]["detail"]}
     assert missing | set(unknown) <= fields
 
 
@@ -250,7 +250,7 @@ def test_deeply_nested_json_is_400(edge: Edge, depth: int) -> None:
 def test_a_batch_over_the_limit_is_413(edge: Edge) -> None:
     limit = get_settings().predict_batch_max
     answer = edge.batch([DAY] * (limit + 1))
-    assert answer.status_code == 413 and f"at most {limit}" in answer.json()["error"]
+    assert answer.status_code == 413 and f"at most {limit}" in answer.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("attack", INJECTIONS)

@@ -22,18 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bundle.bentos import BentoSummary, bentoml_environ, build_bento, find_bento, serve_argv
+from bundle.model_import import import_registry_version
 from core.settings import Settings, get_settings
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
-from serving.bentos import (
-    BentoSummary,
-    bentoml_environ,
-    build_bento,
-    find_bento,
-    import_registry_version,
-    serve_argv,
-)
 from serving.model_store import read_model
 from serving.predictor import Predictor, ServedModel
 

@@ -98,7 +98,7 @@ def test_a_lone_request_goes_at_once_with_exactly_its_rows() -> None:
         np.testing.assert_array_equal(task.result(), expected(rows))
         assert len(model.batches) == 1
         np.testing.assert_array_equal(model.batches[0], rows)
-        assert coalescer.in_flight == 0
+        assert model.open == 0
 
     run(scenario)
 
@@ -112,7 +112,7 @@ def test_concurrent_requests_share_few_calls_and_each_gets_its_own_answer() -> N
         await settle()
         # The first two requests went at once, one each; the other 48 wait for a free slot.
         assert model.sizes == [1, 1]
-        assert coalescer.in_flight == 2
+        assert model.open == 2
         assert not any(task.done() for task in tasks)
 
         model.release_all()
@@ -125,7 +125,7 @@ def test_concurrent_requests_share_few_calls_and_each_gets_its_own_answer() -> N
         np.testing.assert_array_equal(np.concatenate(model.batches), np.concatenate(requests))
         for rows, answer in zip(requests, answers, strict=True):
             np.testing.assert_array_equal(answer, expected(rows))
-        assert coalescer.in_flight == 0
+        assert model.open == 0
 
     run(scenario)
 
@@ -194,7 +194,7 @@ def test_a_failed_call_fails_exactly_its_callers_and_later_calls_still_go() -> N
         for rows, result in zip([held, *later], [results[0], *results[4:]], strict=True):
             assert isinstance(result, np.ndarray)
             np.testing.assert_array_equal(result, expected(rows))
-        assert coalescer.in_flight == 0
+        assert model.open == 0
 
     run(scenario)
 
@@ -216,7 +216,7 @@ def test_a_wrong_number_of_answer_rows_fails_the_callers(wrong: Callable[[np.nda
         for result in results:
             assert isinstance(result, RuntimeError)
             assert "model answered" in str(result)
-        assert coalescer.in_flight == 0
+        assert model.open == 0
 
     run(scenario)
 
@@ -240,7 +240,7 @@ def test_a_caller_cancelled_while_queued_is_not_sent_and_others_are_unaffected()
         for rows, result in zip([held, b, d], [results[0], results[1], results[3]], strict=True):
             assert isinstance(result, np.ndarray)
             np.testing.assert_array_equal(result, expected(rows))
-        assert coalescer.in_flight == 0
+        assert model.open == 0
 
     run(scenario)
 
@@ -258,7 +258,7 @@ def test_when_every_queued_caller_is_cancelled_no_call_is_made() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
         assert model.sizes == [1]
-        assert coalescer.in_flight == 0
+        assert model.open == 0
         # The coalescer still works afterwards.
         np.testing.assert_array_equal(await coalescer.predict(rows_of(7)), expected(rows_of(7)))
 
@@ -285,7 +285,7 @@ def test_a_caller_cancelled_mid_call_does_not_disturb_the_rest_of_its_call() -> 
         for rows, result in zip([held, c], [results[0], results[2]], strict=True):
             assert isinstance(result, np.ndarray)
             np.testing.assert_array_equal(result, expected(rows))
-        assert coalescer.in_flight == 0
+        assert model.open == 0
 
     run(scenario)
 

@@ -31,12 +31,13 @@ from pydantic import SecretStr
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 
+from bundle.bentos import BentoSummary, find_bento, serve_argv
+from bundle.model_import import sign_imported_model
 from core.settings import Settings
 from ops.keys import ApiKeyStore
 from ops.signing import SIGNATURE_FILE
 from ops.tables import PredictionLogRow
-from serving.bentos import BentoSummary, find_bento, serve_argv
-from serving.model_store import read_model, sign_imported_model
+from serving.model_store import read_model
 from tests.conftest import REDIS_URL, fresh_postgres_database, require_service
 from tests.ops.conftest import postgres_database  # noqa: F401 - a fixture, used by name
 from tests.ops.proxy import FaultyProxy
@@ -206,9 +207,9 @@ def test_requests_without_a_valid_key_are_401_with_a_reason(deployment: OpsDeplo
     for reason, headers in cases.items():
         refused = post(a, headers)
         assert refused.status_code == 401, (reason, refused.text)
-        assert refused.json()["reason"] == reason
+        assert refused.json()["error"]["code"] == reason
         assert refused.headers["WWW-Authenticate"].startswith("Bearer")
-    assert post(a, {"X-API-Key": "not-even-a-key"}).json()["reason"] == "unknown"
+    assert post(a, {"X-API-Key": "not-even-a-key"}).json()["error"]["code"] == "unknown"
     assert httpx.get(f"{a.url}/api/v1/model", timeout=10).status_code == 401
     log = a.log.read_text()
     for raw in (revoked, expired, guessed):
@@ -228,7 +229,7 @@ def test_bearer_and_rotated_keys_are_accepted(deployment: OpsDeployment) -> None
     other = deployment.key()
     deployment.keys.rotate_key(other[:16], grace_hours=0)
     ended = post(a, {"X-API-Key": other})
-    assert ended.status_code == 401 and ended.json()["reason"] == "expired"
+    assert ended.status_code == 401 and ended.json()["error"]["code"] == "expired"
 
 
 def test_health_and_metrics_need_no_key(deployment: OpsDeployment) -> None:
@@ -253,7 +254,7 @@ def test_rate_limit_headers_429_and_retry_after(deployment: OpsDeployment) -> No
     now = time.time()
     assert all(now - 1 <= int(r.headers["X-RateLimit-Reset"]) <= now + 61 for r in answers)
     refused = answers[-1]
-    assert refused.json()["reason"] == "rate_limited"
+    assert refused.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
 
 
@@ -265,7 +266,7 @@ def test_a_batch_costs_its_rows(deployment: OpsDeployment) -> None:
     assert seven.status_code == 429
     # More rows than the whole limit: waiting cannot help, so not 429.
     eleven = post(deployment.a, headers, json={"observations": [DAY] * 11})
-    assert eleven.status_code == 413 and eleven.json()["reason"] == "cost_exceeds_limit"
+    assert eleven.status_code == 413 and eleven.json()["error"]["code"] == "cost_exceeds_limit"
     assert "Retry-After" not in eleven.headers
     single = post(deployment.a, headers)
     assert single.status_code == 200 and single.headers["X-RateLimit-Remaining"] == "5"
@@ -324,7 +325,7 @@ def test_fail_closed_refuses_without_redis(deployment: OpsDeployment) -> None:
     try:
         refused = post(b, headers)
         assert refused.status_code == 503, refused.text
-        assert refused.json()["reason"] == "unavailable" and "Retry-After" in refused.headers
+        assert refused.json()["error"]["code"] == "unavailable" and "Retry-After" in refused.headers
         assert httpx.get(f"{b.url}/health/ready", timeout=10).status_code == 503
     finally:
         deployment.redis_proxy_b.start()

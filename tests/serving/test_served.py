@@ -57,7 +57,7 @@ def test_bad_input_is_4xx_over_http(server: Server, built_home: BuiltHome) -> No
         assert bad_json.status_code == 400
         invalid = client.post("/api/v1/predict", json={**DAY, "humidity": 120})
         assert invalid.status_code == 422
-        assert invalid.json()["detail"][0]["field"] == "humidity"
+        assert invalid.json()["error"]["detail"][0]["field"] == "humidity"
         unknown = client.post("/api/v1/predict", json={**DAY, "rain": 3})
         assert unknown.status_code == 422
         too_many = client.post("/api/v1/predict/batch", json={"observations": [DAY] * 257})
@@ -113,3 +113,18 @@ def test_metrics_carry_backups_and_ops_counters(server: Server, built_home: Buil
     # A metric family is described once, or Prometheus rejects the whole scrape.
     help_lines = re.findall(r"^# HELP (\S+)", text, re.MULTILINE)
     assert len(help_lines) == len(set(help_lines))
+
+
+def test_swagger_document_lists_and_describes_our_routes(server: Server) -> None:
+    """BentoML's ``/docs.json`` (behind the Swagger UI at ``/``) merges the FastAPI edge's."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert "swagger" in client.get("/").text.lower()
+        paths = client.get("/docs.json").json()["paths"]
+        ours = client.get("/api/v1/openapi.json").json()["paths"]
+    for path in ("/api/v1/predict", "/api/v1/predict/batch", "/api/v1/model"):
+        assert path in paths, sorted(paths)
+    predict = paths["/api/v1/predict"]["post"]
+    assert predict["summary"] == ours["/api/v1/predict"]["post"]["summary"]
+    example = predict["requestBody"]["content"]["application/json"]["examples"]["a wet day"]["value"]
+    assert example == DAY
+    assert {"401", "422", "429"} <= set(predict["responses"])

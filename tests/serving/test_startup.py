@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from bundle.model_import import import_registry_version
 from core.errors import ConfigurationError, DependencyUnavailableError, ModelIntegrityError
 from core.settings import get_settings
 from ops.database import dispose_engines
 from ops.migrations import current_revision, head_revision, prepare_database
 from ops.signing import verify_model_dir
-from serving.bentos import import_registry_version
 from serving.model_store import read_model
 from tests.conftest import fresh_postgres_database
 from tests.serving.conftest import BuiltHome, free_port

@@ -1,4 +1,5 @@
-"""Helpers for the backup and worker tests: throw-away PostgreSQL databases with real rows."""
+"""Helpers for the backup, retention and worker tests: throw-away PostgreSQL databases with
+real rows, and where a backup's manifest lies."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import create_engine, insert, text
 
@@ -75,3 +77,7 @@ def table_counts(url: str) -> dict[str, int]:
         }
     engine.dispose()
     return counts
+
+
+def manifest_path(backup: Path) -> Path:
+    return backup.with_name(backup.stem + ".manifest.json")

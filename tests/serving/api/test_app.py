@@ -1,37 +1,45 @@
-"""The HTTP edge in-process: contracts, validation errors, health, the ops seam."""
+"""The FastAPI edge in-process: contracts, validation errors, health, keys and the log."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from fastapi import FastAPI
+from sqlalchemy import create_engine, select
 from starlette.testclient import TestClient
 
+from core.errors import ModelUnavailableError
 from core.settings import get_settings
-from ops.predictionlog import PredictionRecord
-from serving.hooks import EdgeHooks, edge_headers
-from serving.http import MODEL_VERSION_HEADER, ResponseHeaders, create_app
+from ops.database import dispose_engines
+from ops.migrations import upgrade_database
+from ops.tables import PredictionLogRow
+from serving.api.app import create_app
+from serving.api.deps import current_backend, optional_backend
+from serving.api.headers import MODEL_VERSION_HEADER, ResponseHeaders
+from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
 from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
+from tests.serving.conftest import TEST_TIERS, issue_key
 
 DAY = {"temperature": 28, "humidity": 85, "rainfall": 50}
 
 
 @dataclass
 class LocalBackend:
-    """The real model called directly, without the batcher (that is tested over HTTP)."""
+    """The real model called directly, without the batcher (that is tested over HTTP);
+    with ``operations`` None the edge runs without keys, limits and log."""
 
     served: ServedModel
     predictor: Predictor
     engine: str
     bento_tag: str = "flood_risk:in-process"
+    operations: EdgeOperations | None = None
 
     async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
         return self.predictor.predict_proba(raw)
@@ -43,13 +51,29 @@ def backend(served_model: tuple[ServedModel, Path], predictor: Predictor) -> Loc
     return LocalBackend(served=served, predictor=predictor, engine=engine_for(model_dir))
 
 
-def make_client(app: Starlette, backend: LocalBackend | None) -> TestClient:
-    return TestClient(ResponseHeaders(app, get_backend=lambda: backend), raise_server_exceptions=True)
+def serve_backend(app: FastAPI, backend: LocalBackend | None) -> ResponseHeaders:
+    """``app`` answering from ``backend`` in place of the BentoML service (None: not loaded)."""
+
+    async def given() -> LocalBackend:
+        if backend is None:
+            raise ModelUnavailableError("model is not loaded yet")
+        return backend
+
+    async def given_or_none() -> LocalBackend | None:
+        return backend
+
+    app.dependency_overrides[current_backend] = given
+    app.dependency_overrides[optional_backend] = given_or_none
+    return ResponseHeaders(app, get_backend=lambda: backend)
+
+
+def make_client(backend: LocalBackend | None) -> TestClient:
+    return TestClient(serve_backend(create_app(), backend), raise_server_exceptions=True)
 
 
 @pytest.fixture
 def client(backend: LocalBackend) -> Iterator[TestClient]:
-    with make_client(create_app(lambda: backend, hooks_factory=EdgeHooks), backend) as test_client:
+    with make_client(backend) as test_client:
         yield test_client
 
 
@@ -100,7 +124,8 @@ def test_batch_over_the_limit_is_413(client: TestClient, monkeypatch: pytest.Mon
     assert client.post("/api/v1/predict/batch", json={"observations": [DAY] * 4}).status_code == 200
     too_many = client.post("/api/v1/predict/batch", json={"observations": [DAY] * 5})
     assert too_many.status_code == 413
-    assert "at most 4" in too_many.json()["error"]
+    assert too_many.json()["error"]["code"] == "batch_too_large"
+    assert "at most 4" in too_many.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -121,7 +146,9 @@ def test_invalid_fields_get_a_field_level_422(
 ) -> None:
     response = client.post("/api/v1/predict", json=body)
     assert response.status_code == 422
-    detail = response.json()["detail"]
+    error = response.json()["error"]
+    assert error["code"] == "invalid_observation" and error["message"] == "invalid observation"
+    detail = error["detail"]
     assert any(d["field"] == field and d["type"] == error_type for d in detail), detail
 
 
@@ -161,7 +188,7 @@ def test_batch_errors_name_the_item_and_field(client: TestClient) -> None:
     body = {"observations": [DAY, {**DAY, "humidity": -1}]}
     response = client.post("/api/v1/predict/batch", json=body)
     assert response.status_code == 422
-    assert response.json()["detail"][0]["field"] == "observations.1.humidity"
+    assert response.json()["error"]["detail"][0]["field"] == "observations.1.humidity"
 
 
 def test_model_route_reports_the_pinned_version(client: TestClient, backend: LocalBackend) -> None:
@@ -183,8 +210,10 @@ def test_model_route_reports_the_pinned_version(client: TestClient, backend: Loc
 
 
 def test_no_model_means_503_not_500(backend: LocalBackend) -> None:
-    with make_client(create_app(lambda: None, hooks_factory=EdgeHooks), None) as no_model:
-        assert no_model.post("/api/v1/predict", json=DAY).status_code == 503
+    with make_client(None) as no_model:
+        refused = no_model.post("/api/v1/predict", json=DAY)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "model_unavailable"
         assert no_model.get("/api/v1/model").status_code == 503
         assert no_model.get("/health").json() == {"status": "healthy"}
         assert no_model.get("/health/ready").status_code == 503
@@ -239,45 +268,48 @@ def test_unreachable_redis_degrades_and_blocks_readiness_only_when_failing_close
     assert client.get("/health").status_code == 200
 
 
-def test_guards_charges_and_listeners_plug_in_without_touching_health(backend: LocalBackend) -> None:
-    seen: list[PredictionRecord] = []
-    charged: list[tuple[str, int]] = []
-
-    async def deny_without_key(request: Request) -> Response | None:
-        if request.headers.get("X-API-Key") != "k":
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
-        request.state.key_id = "fnq_000000000001"
-        return None
-
-    async def charge(request: Request, route: str, rows: int) -> Response | None:
-        charged.append((route, rows))
-        edge_headers(request)["X-RateLimit-Remaining"] = "7"
-        return None
-
-    async def record(_: Request, records: Sequence[PredictionRecord]) -> None:
-        seen.extend(records)
-
-    hooks = EdgeHooks(guards=[deny_without_key], charges=[charge], listeners=[record])
-    app = create_app(lambda: backend, hooks_factory=lambda: hooks)
-    with make_client(app, backend) as guarded:
-        assert guarded.post("/api/v1/predict", json=DAY).status_code == 401
-        assert guarded.get("/api/v1/model").status_code == 401
-        assert guarded.get("/health").status_code == 200
-        assert charged == []
-        key = {"X-API-Key": "k"}
-        ok = guarded.post("/api/v1/predict", json=DAY, headers=key)
-        assert ok.status_code == 200 and ok.headers["X-RateLimit-Remaining"] == "7"
-        batch = guarded.post(
-            "/api/v1/predict/batch", json={"observations": [DAY, DAY]}, headers={**key, "X-Request-ID": "b1"}
-        )
-        assert batch.status_code == 200
-    assert charged == [("predict", 1), ("predict_batch", 2)]
-    assert [r.request_id for r in seen] == [ok.json()["request_id"], "b1#0", "b1#1"]
-    first = seen[0]
-    assert first.inputs == DAY and first.key_id == "fnq_000000000001"
+def test_keys_limits_and_the_log_apply_to_the_api_and_never_to_health(
+    backend: LocalBackend, flood_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real operations on SQLite: a key is checked before the body is read, charged by
+    rows, and every answered prediction is logged with its model version."""
+    monkeypatch.setenv("RATE_LIMIT_TIERS", json.dumps(TEST_TIERS))
+    get_settings.cache_clear()
+    settings = get_settings()
+    upgrade_database(settings.effective_database_url)
+    key = {"X-API-Key": issue_key(settings, tier="rows")}  # 10 per minute
+    backend.operations = EdgeOperations.start(settings)
+    try:
+        with make_client(backend) as guarded:
+            missing = guarded.post("/api/v1/predict", content=b"not even json")
+            assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing"
+            assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+            unknown = guarded.get("/api/v1/model", headers={"X-API-Key": "fnq_" + "0" * 40})
+            assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "unknown"
+            assert guarded.get("/health").status_code == 200
+            ok = guarded.post("/api/v1/predict", json=DAY, headers=key)
+            assert ok.status_code == 200 and ok.headers["X-RateLimit-Remaining"] == "9"
+            batch = guarded.post(
+                "/api/v1/predict/batch",
+                json={"observations": [DAY, DAY]},
+                headers={**key, "X-Request-ID": "b1"},
+            )
+            assert batch.status_code == 200 and batch.headers["X-RateLimit-Remaining"] == "7"
+            over = guarded.post("/api/v1/predict/batch", json={"observations": [DAY] * 8}, headers=key)
+            assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limited"
+            assert int(over.headers["Retry-After"]) > 0 and over.headers["X-RateLimit-Remaining"] == "7"
+    finally:
+        backend.operations.close()
+    engine = create_engine(settings.effective_database_url)
+    with engine.connect() as conn:
+        rows = {r.request_id: r for r in conn.execute(select(PredictionLogRow.__table__))}
+    engine.dispose()
+    dispose_engines()
+    assert set(rows) == {ok.json()["request_id"], "b1#0", "b1#1"}
+    first = rows[ok.json()["request_id"]]
     assert first.probability == ok.json()["probability"] and first.risk_level == ok.json()["risk_level"]
     assert first.model_version == str(backend.served.version) and first.bento_tag == backend.bento_tag
-    assert first.latency_ms > 0
+    assert first.key_id is not None and first.latency_ms > 0
 
 
 def test_a_client_that_hangs_up_mid_body_gets_no_traceback(
@@ -285,7 +317,7 @@ def test_a_client_that_hangs_up_mid_body_gets_no_traceback(
 ) -> None:
     import asyncio
 
-    app = create_app(lambda: backend, hooks_factory=EdgeHooks)
+    app = serve_backend(create_app(), backend)
     sent: list[dict[str, object]] = []
     scope = {
         "type": "http",
@@ -309,3 +341,40 @@ def test_a_client_that_hangs_up_mid_body_gets_no_traceback(
     asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_every_error_has_one_shape_even_for_unknown_routes(client: TestClient) -> None:
+    for answer in (
+        client.get("/api/v1/nothing-here"),
+        client.get("/api/v1/predict"),  # wrong method
+        client.post("/api/v1/predict", json={**DAY, "humidity": 101}),
+        client.post("/api/v1/predict", content=b"{", headers={"Content-Type": "application/json"}),
+    ):
+        assert answer.status_code in (400, 404, 405, 422), answer.text
+        assert set(answer.json()) == {"error"}
+        assert set(answer.json()["error"]) == {"code", "message", "detail"}
+        assert answer.json()["error"]["code"] and answer.json()["error"]["message"]
+
+
+def test_the_openapi_document_is_the_framework_s_and_describes_our_routes(client: TestClient) -> None:
+    document = client.get("/api/v1/openapi.json").json()
+    paths = document["paths"]
+    assert {"/api/v1/predict", "/api/v1/predict/batch", "/api/v1/model", "/health/ready"} <= set(paths)
+    predict = paths["/api/v1/predict"]["post"]
+    body = predict["requestBody"]["content"]["application/json"]
+    assert set(body["schema"]["required"]) == {"temperature", "humidity", "rainfall"}
+    assert body["examples"]["a wet day"]["value"] == DAY
+    assert client.post("/api/v1/predict", json=body["examples"]["a wet day"]["value"]).status_code == 200
+    batch_body = paths["/api/v1/predict/batch"]["post"]["requestBody"]["content"]["application/json"]
+    batch_schema = batch_body["schema"]
+    assert batch_schema["properties"]["observations"]["items"]["properties"]["rainfall"]["maximum"] == 1000
+    for status in ("401", "413", "422", "429", "503"):
+        assert predict["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorOut"
+        }
+    assert predict["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Prediction"
+    }
+    schemes = document["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+    assert "X-Request-ID" in {p["name"] for p in predict["parameters"]}

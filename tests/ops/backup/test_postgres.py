@@ -14,7 +14,7 @@ from core.settings import Settings, get_settings
 from ops.backup import list_backups, restore_backup, run_backup, verify_backup
 from ops.migrations import head_revision
 from tests.conftest import POSTGRES_URL
-from tests.ops.backup_support import insert_rows, table_counts, upgraded_postgres_database
+from tests.ops.backup.support import insert_rows, table_counts, upgraded_postgres_database
 
 pytestmark = pytest.mark.postgres
 

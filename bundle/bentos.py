@@ -18,19 +18,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from core.checksum import sha256_file
-from core.errors import ConfigurationError, FloodError, ModelIntegrityError
+from core.errors import FloodError
 from core.settings import Settings
-from ops.signing import signing_key
-from serving.model_store import import_model, sign_imported_model
-from serving.predictor import ServedModel
+from serving import bentoml_internals
+from serving.model_store import read_model
+from serving.shutdown import GRACEFUL_SHUTDOWN_S
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 BENTOFILE = "bentofile.yaml"
 BENTO_NAME = "flood_risk"
-GRACEFUL_SHUTDOWN_S = 30
 # Idle keep-alive connections are closed after this. It must outlast the idle timeout of
 # whatever keeps connections open to us (httpx 5 s, nginx and cloud load balancers 60 s):
 # closing first races the client's next request on that connection (measured in the soak:
@@ -51,20 +49,6 @@ class BentoSummary:
     path: Path
 
 
-def pinned_model_tag() -> str:
-    """The model tag this Bento was built with (``--arg model_tag``); never ``latest``."""
-    from bentoml import use_arguments
-
-    tag = str(getattr(use_arguments(), "model_tag", "") or "")
-    name, _, version = tag.partition(":")
-    if not name or not version or version == "latest":
-        raise ConfigurationError(
-            f"model_tag {tag!r} does not pin a model version; build with `flood bento build` "
-            "or pass --arg model_tag=<name>:<version>"
-        )
-    return tag
-
-
 def bentoml_environ(settings: Settings) -> dict[str, str]:
     """The environment for ``bentoml`` subprocesses: stores under FLOOD_HOME, no telemetry."""
     env = dict(os.environ)
@@ -76,51 +60,6 @@ def bentoml_environ(settings: Settings) -> dict[str, str]:
 
 def bentoml_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bentoml", *args]
-
-
-def verify_run_id(model_dir: Path, run_id: str) -> None:
-    """The downloaded model must come from the run the registry version names."""
-    import yaml
-
-    recorded = yaml.safe_load((model_dir / "MLmodel").read_text()).get("run_id")
-    if not run_id or recorded != run_id:
-        raise ModelIntegrityError(
-            f"model files were logged by run {recorded!r}, the registry version names {run_id!r}"
-        )
-
-
-def import_registry_version(version: int | None, *, settings: Settings, workdir: Path) -> str:
-    """Resolve (default: the champion), download, verify and import one registry version.
-
-    ``download_model`` checks the files against the version's recorded sha256; the run id
-    in the files must match the version's; the BentoML model tag records both. With
-    MODEL_SIGNING_KEY set, the imported model is signed.
-    """
-    import registry
-
-    info = registry.get_version(version) if version is not None else registry.resolve_alias()
-    model_dir = registry.download_model(info.version, workdir / f"v{info.version}")
-    verify_run_id(model_dir, info.run_id)
-    pipeline_file = registry.pipeline_path(model_dir)
-    served = ServedModel(
-        name=info.name,
-        version=info.version,
-        bento_model_tag="",
-        run_id=info.run_id,
-        data_source=info.data_source,
-        sha256=info.model_sha256,
-        pipeline_sha256=sha256_file(pipeline_file),
-        thresholds=info.thresholds,
-        validation_status=info.validation_status,
-        metrics=dict(info.metrics),
-        created_at=info.created_at.isoformat(),
-    )
-    store_dir = settings.bentoml_home / "models"
-    tag = import_model(served, pipeline_file, store_dir=store_dir)
-    if settings.model_signing_key is not None:
-        # Signed as stored, so the Bento carries the signature its service checks at start.
-        sign_imported_model(tag, store_dir=store_dir, key=signing_key(settings))
-    return tag
 
 
 def stage_build_context(project_dir: Path, dest: Path) -> Path:
@@ -172,8 +111,6 @@ def build_bento(model_tag: str, *, settings: Settings) -> str:
 
     On failure the whole output is kept under ``FLOOD_HOME/logs`` and the error names it.
     """
-    from serving.model_store import read_model
-
     served, _ = read_model(model_tag, store_dir=settings.bentoml_home / "models")
     with tempfile.TemporaryDirectory(prefix="flood-bento-src-") as tmp:
         context = stage_build_context(PROJECT_DIR, Path(tmp) / "src")
@@ -212,13 +149,11 @@ def build_bento(model_tag: str, *, settings: Settings) -> str:
 
 def list_bentos(settings: Settings) -> list[BentoSummary]:
     """Bentos in FLOOD_HOME, newest first, with the model each one pins."""
-    from bentoml._internal.bento import BentoStore
-
     store_dir = settings.bentoml_home / "bentos"
     if not store_dir.is_dir():
         return []
     summaries = []
-    for bento in BentoStore(str(store_dir)).list():
+    for bento in bentoml_internals.bento_store(str(store_dir)).list():
         info = bento.info
         model_tag = str(info.args.get("model_tag", ""))
         version = info.labels.get("flood_model_version")
