@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from serving.api.deps import Backend, CurrentKey, charge_one_model
+from serving.api.deps import Backend, CurrentKey, DocumentedBearer, DocumentedKey, charge_one_model
 from serving.api.errors import error_responses
 from serving.api.routes.predict import json_response
 from serving.api.schemas import ModelInfoOut, ThresholdsOut
@@ -27,6 +27,8 @@ async def model_info(
     _key: CurrentKey,
     _charged: Annotated[None, Depends(charge_one_model)],
     backend: Backend,
+    _documented_key: DocumentedKey,  # the security schemes, for the document (serving.api.deps)
+    _documented_bearer: DocumentedBearer,
 ) -> Response:
     """The registry version this Bento pins, its engine, thresholds with their expected
     alert rate and recall (measured out of year), and its validation metrics."""

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from core.observation import FIELD_NAMES, Observation
 from ops.predictionlog import PredictionRecord
 from serving.api.deps import (
+    SECURITY,
     Backend,
     BatchBody,
     CurrentKey,
@@ -37,6 +38,7 @@ from serving.api.schemas import (
 from serving.metrics import get_metrics
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"])
+EXAMPLE_BATCH = [EXAMPLE_OBSERVATION, EXAMPLE_BATCH_OBSERVATION]
 _REFUSALS = error_responses(400, 401, 413, 422, 429, 503)
 
 
@@ -127,7 +129,10 @@ def prediction_records(
     summary="P(flood) for one day",
     response_model=Prediction,
     responses=_REFUSALS,
-    openapi_extra=request_body(Observation, examples={"a wet day": EXAMPLE_OBSERVATION}),
+    openapi_extra={
+        **request_body(Observation, examples={"a wet day": EXAMPLE_OBSERVATION}),
+        "security": SECURITY,
+    },
 )
 async def predict(
     request: Request,
@@ -150,10 +155,13 @@ async def predict(
     summary="P(flood) for up to PREDICT_BATCH_MAX days (256 by default)",
     response_model=BatchPrediction,
     responses=_REFUSALS,
-    openapi_extra=request_body(
-        BatchRequest,
-        examples={"two days": {"observations": [EXAMPLE_OBSERVATION, EXAMPLE_BATCH_OBSERVATION]}},
-    ),
+    openapi_extra={
+        **request_body(
+            BatchRequest,
+            examples={"two days": {"observations": [EXAMPLE_OBSERVATION, EXAMPLE_BATCH_OBSERVATION]}},
+        ),
+        "security": SECURITY,
+    },
 )
 async def predict_batch(
     request: Request, request_id: RequestId, _key: CurrentKey, observations: BatchBody, backend: Backend

@@ -377,4 +377,12 @@ def test_the_openapi_document_is_the_framework_s_and_describes_our_routes(client
     }
     schemes = document["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+    for path, method in (
+        ("/api/v1/predict", "post"),
+        ("/api/v1/predict/batch", "post"),
+        ("/api/v1/model", "get"),
+    ):
+        assert {name for requirement in paths[path][method]["security"] for name in requirement} == set(
+            schemes
+        )
     assert "X-Request-ID" in {p["name"] for p in predict["parameters"]}
