@@ -71,6 +71,10 @@ class TooLargeError(FloodError):
         self.headers = headers or {}
 
 
+class UnsupportedMediaTypeError(FloodError):
+    """A request body is declared as something other than JSON."""
+
+
 class RateLimitedError(FloodError):
     """A key's rate limit is reached; ``headers`` carry the limit state and Retry-After."""
 

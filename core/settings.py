@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     secret_key_previous_until: datetime | None = None
     database_url: str | None = None
     redis_url: str | None = None
-    require_model_signature: bool = False
+    # Unset: on in production, off elsewhere (signature_required).
+    require_model_signature: bool | None = None
     model_signing_key: SecretStr | None = None
     auth_bypass_enabled: bool = False
     db_pool_size: int = Field(default=5, ge=1, le=100)
@@ -57,6 +58,9 @@ class Settings(BaseSettings):
     # Where the limits are counted, as a `limits` storage URI (redis://, redis+sentinel://,
     # redis+cluster://, memcached://, memory://); unset: REDIS_URL, else in-process.
     rate_limit_storage_uri: str | None = None
+    # Production refuses in-process limits (they multiply with workers and replicas) unless
+    # this says a single API worker is meant; the start logs that choice.
+    rate_limit_in_process: bool = False
     api_key_grace_hours: float = Field(default=24.0, ge=0)
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
     # While the database is unreachable, a key checked within this window is still judged
@@ -108,6 +112,13 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.flood_env == "production"
+
+    @property
+    def signature_required(self) -> bool:
+        """REQUIRE_MODEL_SIGNATURE, defaulting to on in production."""
+        if self.require_model_signature is None:
+            return self.is_production
+        return self.require_model_signature
 
     @property
     def tracking_uri(self) -> str:

@@ -7,12 +7,18 @@ problems that apply to the current environment.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy.engine import make_url
 
 from core.errors import ConfigurationError
 from core.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
 
 MIN_SECRET_LENGTH = 32
 # Fragments seen in sample .env files and tutorials. Each is long enough that a generated
@@ -32,6 +38,23 @@ _PLACEHOLDER_FRAGMENTS = (
     "insecure",
     "dev-secret",
 )
+# By the characters' own frequencies, which undercounts a random secret: 32 random hex digits
+# (128 bits) estimate at 110-122.
+MIN_SECRET_BITS = 100
+SEQUENCE_RUN = 5  # abcde, 54321, asdfg
+REPEAT_CHUNK = 5  # a 5-character chunk seen twice: p < 1e-5 for a random 64-character secret
+_COMMON_WORDS = (
+    "password",
+    "passw0rd",
+    "letmein",
+    "welcome",
+    "admin",
+    "qwerty",
+    "monkey",
+    "dragon",
+    "secret",
+)
+_KEYBOARD_ROWS = ("`1234567890-=", "qwertyuiop[]\\", "asdfghjkl;'", "zxcvbnm,./")
 _GENERATE = 'python -c "import secrets; print(secrets.token_urlsafe(48))"'
 
 
@@ -49,24 +72,101 @@ class ConfigProblem:
         return f"{self.variable}: {self.problem}. Fix: {self.fix}"
 
 
+def secret_weakness(value: str) -> str | None:
+    """Why ``value`` is not a strong secret, or None.
+
+    A generated secret (``secrets.token_urlsafe(48)``: 64 characters, ~300 bits by the
+    estimate below) passes every rule with overwhelming probability; what people type does
+    not: placeholders and common words, runs along the alphabet, digits or a keyboard row,
+    a repeated chunk, or too few bits by the characters' own frequencies.
+    """
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"only {len(value)} characters (at least {MIN_SECRET_LENGTH} needed)"
+    lowered = value.lower()
+    word = next((w for w in _PLACEHOLDER_FRAGMENTS + _COMMON_WORDS if w in lowered), None)
+    if word is not None:
+        return f"contains {word!r}, a placeholder or common word"
+    run = _sequence_run(lowered)
+    if run is not None:
+        return f"contains the sequence {run!r}"
+    repeated = _repeated_chunk(value)
+    if repeated is not None:
+        return f"repeats {repeated!r}"
+    bits = _estimated_bits(value)
+    if bits < MIN_SECRET_BITS:
+        return f"about {bits:.0f} bits by its character frequencies (at least {MIN_SECRET_BITS} needed)"
+    return None
+
+
+def _sequence_run(lowered: str) -> str | None:
+    for i in range(len(lowered) - SEQUENCE_RUN + 1):
+        chunk = lowered[i : i + SEQUENCE_RUN]
+        steps = {ord(b) - ord(a) for a, b in itertools.pairwise(chunk)}
+        if steps in ({1}, {-1}) and chunk.isalnum():
+            return chunk
+        if any(chunk in row or chunk[::-1] in row for row in _KEYBOARD_ROWS):
+            return chunk
+    return None
+
+
+def _repeated_chunk(value: str) -> str | None:
+    seen: set[str] = set()
+    for i in range(len(value) - REPEAT_CHUNK + 1):
+        chunk = value[i : i + REPEAT_CHUNK]
+        if chunk in seen:
+            return chunk
+        seen.add(chunk)
+    return None
+
+
+def _estimated_bits(value: str) -> float:
+    counts = Counter(value)
+    per_char = -sum(n / len(value) * math.log2(n / len(value)) for n in counts.values())
+    return per_char * len(value)
+
+
 def _secret_problem(settings: Settings) -> ConfigProblem | None:
     if settings.secret_key is None or not settings.secret_key.get_secret_value():
         return ConfigProblem("SECRET_KEY", "not set", f"set it to the output of {_GENERATE}")
-    value = settings.secret_key.get_secret_value()
-    if len(value) < MIN_SECRET_LENGTH:
+    weakness = secret_weakness(settings.secret_key.get_secret_value())
+    if weakness is not None:
         return ConfigProblem(
-            "SECRET_KEY",
-            f"only {len(value)} characters (at least {MIN_SECRET_LENGTH} needed)",
-            f"set it to the output of {_GENERATE}",
-        )
-    lowered = value.lower()
-    if any(fragment in lowered for fragment in _PLACEHOLDER_FRAGMENTS) or len(set(value)) < 10:
-        return ConfigProblem(
-            "SECRET_KEY",
-            "looks like a placeholder, not a random secret",
-            f"set it to the output of {_GENERATE}",
+            "SECRET_KEY", f"not a strong random secret: {weakness}", f"set it to the output of {_GENERATE}"
         )
     return None
+
+
+def _signing_key_problem(settings: Settings) -> ConfigProblem | None:
+    if settings.model_signing_key is None or not settings.model_signing_key.get_secret_value():
+        return None  # required or not: the REQUIRE_MODEL_SIGNATURE rule below says so
+    weakness = secret_weakness(settings.model_signing_key.get_secret_value())
+    if weakness is not None:
+        return ConfigProblem(
+            "MODEL_SIGNING_KEY",
+            f"not a strong random secret: {weakness}",
+            f"set it to the output of {_GENERATE} and re-sign the models (flood bento build)",
+        )
+    return None
+
+
+def _rate_limit_problem(settings: Settings) -> ConfigProblem | None:
+    if settings.effective_rate_limit_storage_uri != "memory://":
+        return None
+    if settings.rate_limit_in_process and settings.serving_api_workers == 1:
+        return None
+    if settings.rate_limit_in_process:
+        return ConfigProblem(
+            "RATE_LIMIT_IN_PROCESS",
+            f"is true with SERVING_API_WORKERS={settings.serving_api_workers}: each worker would "
+            "count its own limits, multiplying them",
+            "set REDIS_URL, or SERVING_API_WORKERS=1 on a single replica",
+        )
+    return ConfigProblem(
+        "REDIS_URL",
+        "not set, so rate limits would be counted in each worker and replica separately",
+        "set REDIS_URL=redis://:PASSWORD@HOST:6379/0 (or RATE_LIMIT_STORAGE_URI); for one worker "
+        "on one replica only, RATE_LIMIT_IN_PROCESS=true with SERVING_API_WORKERS=1",
+    )
 
 
 def find_config_problems(
@@ -91,9 +191,9 @@ def find_config_problems(
                 "point DATABASE_URL at PostgreSQL (postgresql+psycopg2://...)",
             )
         )
-    secret = _secret_problem(settings)
-    if secret is not None:
-        problems.append(secret)
+    for found in (_secret_problem(settings), _signing_key_problem(settings), _rate_limit_problem(settings)):
+        if found is not None:
+            problems.append(found)
     if settings.secret_key_previous and settings.secret_key_previous_until is None:
         problems.append(
             ConfigProblem(
@@ -132,11 +232,12 @@ def find_config_problems(
                 "train on real data (`flood train`) and promote that version to champion",
             )
         )
-    if settings.require_model_signature and settings.model_signing_key is None:
+    if settings.signature_required and settings.model_signing_key is None:
         problems.append(
             ConfigProblem(
                 "MODEL_SIGNING_KEY",
-                "not set while REQUIRE_MODEL_SIGNATURE=true, so no model can be verified",
+                "not set while signatures are required (REQUIRE_MODEL_SIGNATURE, on by default in "
+                "production), so no model can be verified",
                 "set MODEL_SIGNING_KEY to the key models were signed with",
                 production_only=False,
             )
@@ -152,6 +253,8 @@ def enforce_config(settings: Settings | None = None, *, model_data_source: str |
         for problem in find_config_problems(settings, model_data_source=model_data_source)
         if problem.applies(settings)
     ]
+    if settings.is_production and settings.rate_limit_in_process and not refused:
+        logger.warning("RATE_LIMIT_IN_PROCESS=true: rate limits are counted in this one worker only")
     if refused:
         lines = "\n".join(f"  - {problem}" for problem in refused)
         raise ConfigurationError(

@@ -103,7 +103,7 @@ def check_model_at_start(model_dir: Path, settings: Settings | None = None) -> b
     """Service start: verify when REQUIRE_MODEL_SIGNATURE is on (no fallback), and also when
     a signature and key are both present. Returns whether the model was verified."""
     settings = settings or get_settings()
-    if settings.require_model_signature:
+    if settings.signature_required:
         verify_model_dir(model_dir, signing_key(settings))
         return True
     if (model_dir / SIGNATURE_FILE).is_file() and settings.model_signing_key is not None:

@@ -25,7 +25,7 @@ from serving.metrics import BackupMetricsCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-SECRETS = ("BENTO_TAG", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY")
+SECRETS = ("BENTO_TAG", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY", "MODEL_SIGNING_KEY")
 FLOOD_SERVICES = ("bento", "migrate", "worker", "beat")
 ONE_SHOT = ("migrate",)
 # What an operator would put in .env: random enough to pass the production checks.
@@ -34,6 +34,7 @@ ENVIRONMENT = {
     "POSTGRES_PASSWORD": "4f1c0a9d8e7b6a5f4c3d2e1f0a9b8c7d",
     "REDIS_PASSWORD": "0d9c8b7a6f5e4d3c2b1a0f9e8d7c6b5a",
     "SECRET_KEY": "Vq3nH8xK2pLm9RtY6wZb4Cd7Fg1Js5Ne0Ua-Xo_Ik",
+    "MODEL_SIGNING_KEY": "pT7vR2mW9qL4xN8cB3hJ6kF1sD5gZ0yA-Eu_Io",
 }
 VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 

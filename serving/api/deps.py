@@ -21,7 +21,7 @@ from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import TypeAdapter, ValidationError
 
-from core.errors import InvalidInputError, ModelUnavailableError, TooLargeError
+from core.errors import InvalidInputError, ModelUnavailableError, TooLargeError, UnsupportedMediaTypeError
 from core.observation import Observation
 from core.settings import get_settings
 from ops.keys import ApiKeyInfo
@@ -151,7 +151,14 @@ def body_limit_bytes() -> int:
 
 
 async def read_body(request: Request) -> bytes:
-    """The body, read no further than :func:`body_limit_bytes` (Content-Length is only a hint)."""
+    """The body, read no further than :func:`body_limit_bytes` (Content-Length is only a hint).
+
+    A body declared as anything but JSON is refused unread; one declared as nothing is read
+    as JSON (curl and scripts often omit the header).
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(f"Content-Type {media_type!r} is not JSON; send application/json")
     limit = body_limit_bytes()
     too_large = TooLargeError(f"request body over {limit} bytes", code="body_too_large")
     declared = request.headers.get("content-length", "")

@@ -1,7 +1,8 @@
 """Where domain exceptions become HTTP answers: one status per class, one body shape for all.
 
 Bad input is a 4xx with a reason, never a 5xx: malformed or too deeply nested JSON 400, an
-API key 401, a body, batch or cost over its limit 413, invalid fields 422, a rate limit 429.
+API key 401, a body, batch or cost over its limit 413, a body declared as anything but JSON
+415, invalid fields 422, a rate limit 429.
 503 (with Retry-After) means retry: the model is not loaded, load was shed, or a dependency
 needed to decide is down. Every body is ``{"error": {"code", "message", "detail"}}``.
 """
@@ -27,6 +28,7 @@ from core.errors import (
     OverloadedError,
     RateLimitedError,
     TooLargeError,
+    UnsupportedMediaTypeError,
 )
 from serving.api.schemas import ErrorOut
 
@@ -43,6 +45,7 @@ STATUS_MEANINGS = {
     400: "malformed or too deeply nested JSON",
     401: "API key missing, unknown, revoked or expired",
     413: "body or batch over the limit, or a cost above the key's whole rate limit",
+    415: "the body is declared as something other than JSON (Content-Type)",
     422: "invalid fields, each with a reason",
     429: "rate limit reached; see Retry-After",
     503: "model not loaded, load shed, or a dependency needed to decide is down; retry",
@@ -85,6 +88,8 @@ def _status_of(exc: FloodError) -> tuple[int, str, dict[str, str]]:
             return 401, exc.reason, {"WWW-Authenticate": AUTH_CHALLENGE}
         case TooLargeError():
             return 413, exc.code, exc.headers
+        case UnsupportedMediaTypeError():
+            return 415, "unsupported_media_type", {}
         case RateLimitedError():
             return 429, "rate_limited", exc.headers
         case OverloadedError():

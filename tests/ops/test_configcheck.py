@@ -13,6 +13,7 @@ from core.settings import get_settings
 from ops.configcheck import enforce_config, find_config_problems
 
 GOOD_SECRET = secrets.token_urlsafe(48)
+GOOD_SIGNING_KEY = secrets.token_urlsafe(48)
 
 
 @pytest.fixture
@@ -20,6 +21,8 @@ def production(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("FLOOD_ENV", "production")
     monkeypatch.setenv("SECRET_KEY", GOOD_SECRET)
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg2://flood@db:5432/flood")
+    monkeypatch.setenv("REDIS_URL", "redis://:pw@redis:6379/0")
+    monkeypatch.setenv("MODEL_SIGNING_KEY", GOOD_SIGNING_KEY)
     get_settings.cache_clear()
     return monkeypatch
 
@@ -46,6 +49,9 @@ def test_a_sound_production_configuration_passes(production: pytest.MonkeyPatch)
         ("AUTH_BYPASS_ENABLED", "true"),
         ("DEBUG", "true"),
         ("CORS_ORIGINS", '["*"]'),
+        ("REDIS_URL", None),
+        ("MODEL_SIGNING_KEY", None),
+        ("MODEL_SIGNING_KEY", "x"),
     ],
 )
 def test_each_refusal_names_its_variable_and_fix(
@@ -91,3 +97,63 @@ def test_cli_exit_code_follows_the_environment(production: pytest.MonkeyPatch) -
     refused = runner.invoke(app, ["config", "check", "--skip-model"])
     assert refused.exit_code == 1
     assert "DEBUG" in refused.output and "Fix:" in refused.output
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "weak",
+    [
+        "Password123!Password123!Password",  # accepted before: 32 characters, 12 distinct
+        "abcdefghijklmnopqrstuvwxyz012345",  # accepted before
+        "Zq7!Kd9#Zq7!Kd9#Zq7!Kd9#Zq7!Kd9#",  # a repeated chunk
+        "mYqWertyUiop-flood-prediction-key-2026",  # a keyboard row
+        "0123456789abcdef0123456789abcdef",  # a sequence, repeated
+    ],
+)
+def test_weak_secrets_are_refused_for_both_keys(production: pytest.MonkeyPatch, weak: str) -> None:
+    for variable in ("SECRET_KEY", "MODEL_SIGNING_KEY"):
+        production.setenv("SECRET_KEY", GOOD_SECRET)
+        production.setenv("MODEL_SIGNING_KEY", GOOD_SIGNING_KEY)
+        production.setenv(variable, weak)
+        assert variables("real") == [variable], (variable, weak)
+
+
+@pytest.mark.security
+def test_generated_secrets_pass_the_strength_rule() -> None:
+    from ops.configcheck import secret_weakness
+
+    refused = [s for s in (secrets.token_urlsafe(48) for _ in range(2000)) if secret_weakness(s)]
+    assert len(refused) <= 3, refused  # measured: about 1 in 7,000
+    assert secret_weakness("Tr0ub4dor&3-correct-horse-battery-staple") is None
+
+
+@pytest.mark.security
+def test_production_needs_shared_rate_limits_or_an_explicit_single_worker(
+    production: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    production.delenv("REDIS_URL")
+    assert variables("real") == ["REDIS_URL"]
+    production.setenv("RATE_LIMIT_IN_PROCESS", "true")
+    production.setenv("SERVING_API_WORKERS", "2")
+    assert variables("real") == ["RATE_LIMIT_IN_PROCESS"]
+    production.setenv("SERVING_API_WORKERS", "1")
+    assert variables("real") == []
+    with caplog.at_level("WARNING"):
+        enforce_config(model_data_source="real")
+    assert "RATE_LIMIT_IN_PROCESS=true" in caplog.text
+    production.delenv("RATE_LIMIT_IN_PROCESS")
+    production.setenv("RATE_LIMIT_STORAGE_URI", "redis+sentinel://sentinel:26379/mymaster")
+    assert variables("real") == []
+
+
+@pytest.mark.security
+def test_model_signatures_are_required_by_default_in_production_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUIRE_MODEL_SIGNATURE", raising=False)
+    get_settings.cache_clear()
+    assert get_settings().signature_required is False
+    monkeypatch.setenv("FLOOD_ENV", "production")
+    get_settings.cache_clear()
+    assert get_settings().signature_required is True
+    monkeypatch.setenv("REQUIRE_MODEL_SIGNATURE", "false")
+    get_settings.cache_clear()
+    assert get_settings().signature_required is False

@@ -39,7 +39,7 @@ from serving.metrics import get_metrics
 
 router = APIRouter(prefix="/api/v1", tags=["predictions"])
 EXAMPLE_BATCH = [EXAMPLE_OBSERVATION, EXAMPLE_BATCH_OBSERVATION]
-_REFUSALS = error_responses(400, 401, 413, 422, 429, 503)
+_REFUSALS = error_responses(400, 401, 413, 415, 422, 429, 503)
 
 
 def json_response(request: Request, body: BaseModel) -> Response:

@@ -386,3 +386,20 @@ def test_the_openapi_document_is_the_framework_s_and_describes_our_routes(client
             schemes
         )
     assert "X-Request-ID" in {p["name"] for p in predict["parameters"]}
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_bodies_declared_as_anything_but_json_are_415(client: TestClient, content_type: str) -> None:
+    """Before: parsed as JSON whatever they said they were."""
+    for path, body in (("/api/v1/predict", DAY), ("/api/v1/predict/batch", {"observations": [DAY]})):
+        answer = client.post(path, content=json.dumps(body), headers={"Content-Type": content_type})
+        assert answer.status_code == 415, answer.text
+        assert answer.json()["error"]["code"] == "unsupported_media_type"
+    for declared in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        ok = client.post("/api/v1/predict", content=json.dumps(DAY), headers={"Content-Type": declared})
+        assert ok.status_code == 200, declared
+    undeclared = client.post("/api/v1/predict", content=json.dumps(DAY).encode())
+    assert undeclared.status_code == 200
