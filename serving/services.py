@@ -36,6 +36,7 @@ from core.settings import get_settings
 from ops.signing import check_model_at_start
 from serving import bentoml_internals
 from serving.api.app import OPENAPI_PATH, create_app
+from serving.api.deps import find_backend
 from serving.api.headers import ResponseHeaders
 from serving.coalescing import RowCoalescer
 from serving.handover import mark_worker_ready
@@ -108,13 +109,6 @@ class FloodRiskModel:
     async def predict(self, raw: np.ndarray) -> np.ndarray:
         get_metrics().batch_size.observe(len(raw))
         return self.predictor.predict_proba(raw)
-
-
-def _current_backend() -> FloodRiskAPI | None:
-    try:
-        return cast(FloodRiskAPI, bentoml.get_current_service())
-    except bentoml.exceptions.BentoMLException:
-        return None
 
 
 edge_app = create_app()
@@ -216,4 +210,4 @@ class FloodRiskAPI:
 
 
 # The decorated class is a bentoml Service; type checkers still see the plain class.
-cast(Any, FloodRiskAPI).add_asgi_middleware(ResponseHeaders, get_backend=_current_backend)
+cast(Any, FloodRiskAPI).add_asgi_middleware(ResponseHeaders, get_backend=find_backend)

@@ -63,20 +63,25 @@ class ModelBackend(Protocol):
         ...
 
 
-async def current_backend() -> ModelBackend:
-    """The running service instance (``bentoml.get_current_service``)."""
+def find_backend() -> ModelBackend | None:
+    """The running service instance (``bentoml.get_current_service``), None before it exists."""
     try:
         return cast(ModelBackend, bentoml.get_current_service())
     except BentoMLException:
-        raise ModelUnavailableError("model is not loaded yet") from None
+        return None
+
+
+async def current_backend() -> ModelBackend:
+    """The service instance; 503 (``ModelUnavailableError``) while a worker is starting."""
+    backend = find_backend()
+    if backend is None:
+        raise ModelUnavailableError("model is not loaded yet")
+    return backend
 
 
 async def optional_backend() -> ModelBackend | None:
     """The service instance if there is one yet: health answers either way."""
-    try:
-        return await current_backend()
-    except ModelUnavailableError:
-        return None
+    return find_backend()
 
 
 Backend = Annotated[ModelBackend, Depends(current_backend)]

@@ -108,7 +108,7 @@ async def _on_flood_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, FloodError)
     status, code, headers = _status_of(exc)
     detail = exc.detail if isinstance(exc, InvalidInputError) else None
-    message = str(exc) if status < 500 or code != "internal_error" else "internal error"
+    message = "internal error" if code == "internal_error" else str(exc)
     return error_response(request, status, code=code, message=message, detail=detail, headers=headers)
 
 
