@@ -24,3 +24,18 @@ def current_command() -> None:
     from ops.migrations import current_revision, head_revision
 
     typer.echo(f"database: {current_revision() or 'empty'}   code: {head_revision()}")
+
+
+@app.command("replay-rejected")
+def replay_rejected_command() -> None:
+    """Insert again the prediction-log rows the database refused for good (FLOOD_HOME/journal/
+    rejected-*.jsonl), once their cause is fixed; rows that still fail are kept."""
+    from ops.predictionlog import replay_rejected
+
+    result = replay_rejected()
+    typer.echo(
+        f"{result.files} rejects files: {result.replayed} rows inserted, "
+        f"{result.still_rejected} still rejected"
+    )
+    if result.still_rejected:
+        raise typer.Exit(1)

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     api_key_stale_seconds: float = Field(default=3600.0, ge=0)
     prediction_log_flush_ms: int = Field(default=200, ge=1)
     prediction_log_batch_rows: int = Field(default=500, ge=1)
+    # durable: a prediction is answered only once its row is fsynced to the journal or
+    # committed in the database (group commit: one fsync shared by the requests of a few
+    # ms). async: answered at once; a crash can lose the last few ms of rows.
+    prediction_log_durability: Literal["durable", "async"] = "durable"
+    # A durable request whose row nothing can take within this is refused (503), not answered.
+    prediction_log_commit_timeout_ms: int = Field(default=5000, ge=1)
+    # Bounds every statement of the log's PostgreSQL connections, so a hung database counts
+    # as down within seconds and rows wait in the journal.
+    prediction_log_statement_timeout_ms: int = Field(default=10_000, ge=1)
     debug: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     # Most observations one POST /api/v1/predict/batch may carry; more is answered with 413.

@@ -44,5 +44,8 @@ class PredictionLogRow(Base):
     model_version: Mapped[str] = mapped_column(String(64), nullable=False)
     bento_tag: Mapped[str | None] = mapped_column(String(128))
     latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    # X-Request-ID as the client sent it: stored and echoed, never the key (request_id is
+    # the server's), so a client cannot keep its predictions out of the log.
+    client_request_id: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_prediction_log_created_at", "created_at"),)

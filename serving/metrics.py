@@ -42,6 +42,10 @@ class ServingMetrics:
     ratelimit_fallback_decisions: Counter
     ratelimit_redis_failures: Counter
     prediction_log_journaled_rows: Counter
+    prediction_log_rejected_rows: Counter
+    prediction_log_quarantined_lines: Counter
+    prediction_log_refused_rows: Counter
+    prediction_log_writer_restarts: Counter
 
 
 @functools.cache
@@ -83,7 +87,24 @@ def get_metrics() -> ServingMetrics:
         ),
         prediction_log_journaled_rows=Counter(
             "flood_prediction_log_journaled_rows_total",
-            "Prediction-log rows written to the local journal because the database was unreachable",
+            "Prediction-log rows that waited in the local journal because the database did not take them",
+        ),
+        prediction_log_rejected_rows=Counter(
+            "flood_prediction_log_rejected_rows_total",
+            "Prediction-log rows the database refused for good, kept in rejected-*.jsonl "
+            "(flood db replay-rejected)",
+        ),
+        prediction_log_quarantined_lines=Counter(
+            "flood_prediction_log_quarantined_lines_total",
+            "Journal lines that were not prediction records (a truncated write), moved to quarantine-*.jsonl",
+        ),
+        prediction_log_refused_rows=Counter(
+            "flood_prediction_log_refused_rows_total",
+            "Predictions refused (503) because neither the journal nor the database could keep their rows",
+        ),
+        prediction_log_writer_restarts=Counter(
+            "flood_prediction_log_writer_restarts_total",
+            "Prediction-log threads restarted by their supervisor after an unexpected error",
         ),
     )
 

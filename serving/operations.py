@@ -69,6 +69,10 @@ class EdgeOperations:
             _CounterExport(lambda: limiter.fallback_decisions, metrics.ratelimit_fallback_decisions),
             _CounterExport(lambda: limiter.redis_failures, metrics.ratelimit_redis_failures),
             _CounterExport(lambda: log.rows_journaled, metrics.prediction_log_journaled_rows),
+            _CounterExport(lambda: log.rows_rejected, metrics.prediction_log_rejected_rows),
+            _CounterExport(lambda: log.lines_quarantined, metrics.prediction_log_quarantined_lines),
+            _CounterExport(lambda: log.rows_refused, metrics.prediction_log_refused_rows),
+            _CounterExport(lambda: log.writer_restarts, metrics.prediction_log_writer_restarts),
         ]
 
     @classmethod
@@ -153,9 +157,13 @@ class EdgeOperations:
             return call()
         return await anyio.to_thread.run_sync(call)
 
-    def record(self, records: Sequence[PredictionRecord]) -> None:
-        self.log.record_many(records)
-        self._sync_counters()
+    async def record(self, records: Sequence[PredictionRecord]) -> None:
+        """Log one request's rows; in durable mode, once this returns they are fsynced or
+        committed (``PredictionLogUnavailableError`` when nothing can take them)."""
+        try:
+            await self.log.commit(records)
+        finally:
+            self._sync_counters()
 
     def _sync_counters(self) -> None:
         for export in self._exports:

@@ -94,13 +94,17 @@ async def request_id(
         str | None,
         Header(
             alias=REQUEST_ID_HEADER,
-            description=f"echoed and logged when it matches {REQUEST_ID_PATTERN}, else replaced",
+            description=f"echoed and logged beside the server's id when it matches {REQUEST_ID_PATTERN}",
         ),
     ] = None,
 ) -> str:
-    """The id this request is answered and logged under; also starts its latency clock."""
+    """The server's id for this request, the prediction log's key; also starts its latency
+    clock. A valid client X-Request-ID is kept beside it (``request.state.client_request_id``),
+    echoed and logged, but never the key: a client repeating one id must not keep its
+    predictions out of the log."""
     request.state.started = time.perf_counter()
-    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request.state.client_request_id = given if given and _REQUEST_ID.match(given) else None
+    return uuid.uuid4().hex
 
 
 RequestId = Annotated[str, Depends(request_id)]

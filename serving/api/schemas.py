@@ -44,13 +44,15 @@ class Prediction(BaseModel):
     probability: float = Field(ge=0.0, le=1.0, description="P(flood) for the day")
     risk_level: RiskLevel
     model: ModelRef
-    request_id: str
+    request_id: str = Field(description="the server's id for the request, the prediction log's key")
+    client_request_id: str | None = Field(default=None, description="X-Request-ID as sent, if valid")
 
 
 class BatchPrediction(BaseModel):
     predictions: list[Prediction]
     count: int
-    request_id: str
+    request_id: str = Field(description="the server's id for the request, the prediction log's key")
+    client_request_id: str | None = Field(default=None, description="X-Request-ID as sent, if valid")
 
 
 class ThresholdsOut(BaseModel):

@@ -10,7 +10,8 @@ import threading
 
 class FaultyProxy:
     """Forwards 127.0.0.1:<port> to ``target``; ``stop()`` refuses and drops connections,
-    ``start()`` serves again on the same port."""
+    ``start()`` serves again on the same port; ``hang()`` keeps connections open but
+    forwards nothing (a server stopped with SIGSTOP), ``resume()`` lets bytes flow again."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
@@ -21,6 +22,8 @@ class FaultyProxy:
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def url_for(self, url: str, port: int) -> str:
         return url.replace(f":{port}", f":{self.port}", 1)
@@ -46,6 +49,12 @@ class FaultyProxy:
                 connection.shutdown(socket.SHUT_RDWR)
             connection.close()
 
+    def hang(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -63,10 +72,10 @@ class FaultyProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

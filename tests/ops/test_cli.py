@@ -23,8 +23,8 @@ def invoke(*args: str) -> str:
 
 
 def test_db_upgrade_then_key_lifecycle() -> None:
-    assert "revision 0002" in invoke("db", "upgrade")
-    assert "database: 0002" in invoke("db", "current")
+    assert "revision 0003" in invoke("db", "upgrade")
+    assert "database: 0003" in invoke("db", "current")
 
     created = invoke("keys", "create", "--name", "barangay-ops", "--tier", "basic")
     (raw_key,) = KEY_RE.findall(created)

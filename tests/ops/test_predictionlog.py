@@ -1,10 +1,11 @@
-"""The prediction log: bulk writes, PostgreSQL outages, journal replay, exactly once."""
+"""The prediction log: durable before answered, group commit, PostgreSQL outages, read-only
+and hung databases, corrupt journals, adoption of dead writers' journals, exactly once."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import asyncio
+import json
+import socket
 import threading
 import time
 import uuid
@@ -20,7 +21,13 @@ from sqlalchemy.exc import OperationalError
 from core.settings import Settings
 from ops.database import create_database_engine, get_engine
 from ops.migrations import upgrade_database
-from ops.predictionlog import PredictionLog, PredictionRecord
+from ops.predictionlog import (
+    PredictionLog,
+    PredictionLogUnavailableError,
+    PredictionRecord,
+    is_transient,
+    replay_rejected,
+)
 from ops.tables import PredictionLogRow
 from tests.ops.proxy import FaultyProxy
 
@@ -38,6 +45,7 @@ def make_record(request_id: str | None = None) -> PredictionRecord:
         model_version="3",
         bento_tag="flood-risk:abc",
         latency_ms=4.2,
+        client_request_id="client-7",
     )
 
 
@@ -78,6 +86,7 @@ def test_records_land_in_postgres_with_every_field(postgres_url: str, flood_home
         "fnq_0123456789ab",
     )
     assert row["created_at"] == record.created_at
+    assert row["client_request_id"] == "client-7"
 
 
 def test_duplicate_request_ids_land_once(postgres_url: str) -> None:
@@ -118,7 +127,7 @@ def test_postgres_outage_while_predictions_run(
     assert log.flush(10)
     assert log.health()["status"] == "degraded"
     assert log.rows_journaled >= 250
-    assert log.journal_path.is_file() or list(log.journal_path.parent.glob("replaying-*"))
+    assert list(flood_home.glob("journal/journal-*.jsonl"))
     postgres_proxy.start()
     predict(100)
     deadline = time.monotonic() + 20
@@ -149,11 +158,8 @@ def test_close_with_database_down_keeps_everything_in_the_journal(
     journaled = list((flood_home / "journal").glob("*.jsonl"))
     assert sum(len(p.read_text().splitlines()) for p in journaled) == 25
 
-    # The next process on this host (here: the same one, journal renamed to a dead pid's)
-    # adopts and replays the journal once the database is back.
-    dead_pid = _dead_pid()
-    for path in journaled:
-        path.rename(path.with_name(path.name.replace(str(os.getpid()), str(dead_pid))))
+    # The next writer on this host adopts and replays the journal once the database is back:
+    # the first writer's lock is released, as the kernel releases it when a process dies.
     postgres_proxy.start()
     second = PredictionLog(engine=get_engine(postgres_url), retry_seconds=0.1)
     second.start()
@@ -172,8 +178,8 @@ def test_replaying_rows_that_already_landed_does_not_duplicate(postgres_url: str
         log.record_many([record])
     log.flush(10)
     log.close()
-    journal = log.journal_path
-    journal.parent.mkdir(parents=True, exist_ok=True)
+    # A journal from before writer locks (named by pid, no lock file): its writer is gone.
+    journal = flood_home / "journal" / f"journal-{_host()}-999999999.jsonl"
     journal.write_text("".join(r.to_json() + "\n" for r in records))
     again = PredictionLog(engine=get_engine(postgres_url))
     again.start()
@@ -182,9 +188,13 @@ def test_replaying_rows_that_already_landed_does_not_duplicate(postgres_url: str
     assert sorted(ids) == sorted(r.request_id for r in records)
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
 class _FlakyEngine:
-    """Delegates to a real engine but fails ``begin`` while ``down`` is set: a fault
-    injected at the driver boundary, for the SQLite default."""
+    """Delegates to a real engine but fails ``begin`` and ``connect`` while ``down`` is set:
+    a fault injected at the driver boundary, for the SQLite default."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -195,6 +205,11 @@ class _FlakyEngine:
         if self.down.is_set():
             raise OperationalError("INSERT", {}, ConnectionError("database is down"))
         return self._engine.begin()
+
+    def connect(self) -> Any:
+        if self.down.is_set():
+            raise OperationalError("INSERT", {}, ConnectionError("database is down"))
+        return self._engine.connect()
 
 
 def test_sqlite_default_with_injected_outage(settings: Settings, flood_home: Path) -> None:
@@ -219,27 +234,288 @@ def test_sqlite_default_with_injected_outage(settings: Settings, flood_home: Pat
     assert log.rows_journaled >= 10
 
 
-def _dead_pid() -> int:
-    process = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
-    )
-    return int(process.stdout)
-
-
-def test_rows_journaled_when_the_queue_overflows_reach_the_database_without_an_outage(
-    postgres_url: str, flood_home: Path
-) -> None:
+def test_rows_beyond_the_queue_bound_still_reach_the_database(postgres_url: str, flood_home: Path) -> None:
     log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20, batch_rows=10, queue_rows=20)
     log.start()
-    assert log.flush(10)  # past the writer's start-up replay
+    assert log.flush(10)  # past the writer's start-up adoption
     records = [make_record() for _ in range(200)]
-    log.record_many(records)  # far more at once than the queue holds
-    assert log.rows_journaled > 0
-    deadline = time.monotonic() + 20
-    while len(logged_ids(postgres_url)) < len(records) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    log.record_many(records)  # far more at once than the queue holds: held, then journaled
     try:
+        assert log.flush(10)
         assert sorted(logged_ids(postgres_url)) == sorted(r.request_id for r in records)
-        assert not log.health()["journal_pending"]
+        assert not log.health()["journal_pending"] and log.rows_dropped == 0
     finally:
         log.close()
+
+
+def journal_ids(flood_home: Path) -> set[str]:
+    return {
+        PredictionRecord.from_json(line).request_id
+        for path in flood_home.glob("journal/journal-*.jsonl")
+        for line in path.read_text().splitlines()
+    }
+
+
+def test_a_durable_commit_returns_only_once_the_rows_are_fsynced_and_shares_fsyncs(
+    postgres_url: str, postgres_proxy: FaultyProxy, flood_home: Path
+) -> None:
+    """Durable before answered, with the database down so only the journal can hold them:
+    every committed id is on disk when commit() returns, and concurrent requests share fsyncs."""
+    postgres_proxy.stop()
+    engine = create_database_engine(postgres_proxy.url_for(postgres_url, 5432), pool_size=1)
+    log = PredictionLog(engine=engine, retry_seconds=60, durability="durable")
+    log.start()
+    records = [make_record() for _ in range(400)]
+
+    async def answer(record: PredictionRecord) -> None:
+        await log.commit([record])
+        # What a crash right after the answer would leave: the row must be on disk already.
+        assert record.request_id in journal_ids(flood_home)
+
+    async def main() -> None:
+        for record in records[:5]:  # one by one, each checked
+            await answer(record)
+        start = time.perf_counter()
+        await asyncio.gather(*(log.commit([r]) for r in records[5:]))
+        elapsed = time.perf_counter() - start
+        print(f"5 sequential then 395 concurrent commits: {log.fsyncs} fsyncs in all, {elapsed:.3f} s")
+
+    try:
+        asyncio.run(main())
+        assert journal_ids(flood_home) >= {r.request_id for r in records}
+        assert log.fsyncs < 100, "concurrent requests did not share fsyncs"
+    finally:
+        log.close()
+        engine.dispose()
+
+
+def test_async_durability_does_not_wait(postgres_url: str, flood_home: Path) -> None:
+    log = PredictionLog(engine=get_engine(postgres_url), durability="async")
+    log.start()
+    try:
+        asyncio.run(log.commit([make_record()]))
+        assert log.fsyncs == 0 or log.flush(10)  # returned before (or regardless of) the fsync
+        assert log.flush(10)
+        assert len(logged_ids(postgres_url)) == 1
+    finally:
+        log.close()
+
+
+def test_a_truncated_journal_line_is_quarantined_and_logging_goes_on(
+    postgres_url: str, flood_home: Path
+) -> None:
+    """The issue's reproduction: a dead writer's journal ending in a truncated line (a full
+    disk). The valid rows land, the bad line is moved aside and named in health, and rows
+    recorded afterwards still land."""
+    good = [make_record() for _ in range(3)]
+    journal = flood_home / "journal" / f"journal-{_host()}-999999998.jsonl"
+    journal.parent.mkdir(parents=True)
+    journal.write_text("".join(r.to_json() + "\n" for r in good) + '{"request_id": "x", "created_at": "2026-')
+    log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20)
+    log.start()
+    try:
+        assert log.flush(10)
+        later = make_record()
+        log.record_many([later])
+        assert log.flush(10)
+        health = log.health()
+        assert sorted(logged_ids(postgres_url)) == sorted(r.request_id for r in [*good, later])
+        assert log.lines_quarantined == 1
+        assert health["status"] == "degraded" and "quarantined" in " ".join(health["problems"]), health
+        (quarantine,) = flood_home.glob("journal/quarantine-*.jsonl")
+        (kept,) = [json.loads(line) for line in quarantine.read_text().splitlines()]
+        assert kept["line"] == '{"request_id": "x", "created_at": "2026-'  # kept as it was, for a person
+        assert all(t.is_alive() for t in threading.enumerate() if t.name.startswith("prediction-"))
+    finally:
+        log.close()
+
+
+@pytest.fixture
+def scratch_url() -> Iterator[str]:
+    from tests.conftest import fresh_postgres_database
+
+    with fresh_postgres_database("flood_log") as url:
+        upgrade_database(url)
+        yield url
+
+
+def _alter_database(url: str, statement: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(make_url(url).set(database="test"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(statement.format(db=make_url(url).database)))
+    admin.dispose()
+
+
+def test_a_read_only_database_keeps_rows_in_the_journal_not_rejected(
+    scratch_url: str, flood_home: Path
+) -> None:
+    """A demoted primary (default_transaction_read_only=on): SQLSTATE 25006 is transient."""
+    _alter_database(scratch_url, 'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
+    engine = create_database_engine(scratch_url, pool_size=2)
+    log = PredictionLog(engine=engine, flush_ms=20, retry_seconds=0.2)
+    log.start()
+    records = [make_record() for _ in range(50)]
+    try:
+        log.record_many(records)
+        assert log.flush(10)
+        health = log.health()
+        assert health["status"] == "degraded" and "ReadOnlySqlTransaction" in health["last_error"], health
+        assert log.rows_rejected == 0 and not list(flood_home.glob("journal/rejected-*"))
+        _alter_database(scratch_url, 'ALTER DATABASE "{db}" SET default_transaction_read_only = off')
+        deadline = time.monotonic() + 15
+        while log.health()["status"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(logged_ids(scratch_url)) == sorted(r.request_id for r in records)
+    finally:
+        log.close()
+        engine.dispose()
+
+
+def test_rows_the_database_refuses_for_good_are_counted_and_replayable(
+    scratch_url: str, flood_home: Path
+) -> None:
+    setup = create_engine(scratch_url)
+    with setup.begin() as connection:
+        connection.execute(
+            text("ALTER TABLE prediction_log ADD CONSTRAINT no_bad CHECK (model_version <> 'bad')")
+        )
+    bad = PredictionRecord(**{**make_record().__dict__, "model_version": "bad"})
+    good = [make_record() for _ in range(4)]
+    log = PredictionLog(engine=get_engine(scratch_url), flush_ms=20)
+    log.start()
+    try:
+        log.record_many([*good[:2], bad, *good[2:]])
+        assert log.flush(10)
+        health = log.health()
+        assert log.rows_rejected == 1 and health["rows_rejected"] == 1
+        assert health["status"] == "degraded" and "rejected" in " ".join(health["problems"]), health
+        assert sorted(logged_ids(scratch_url)) == sorted(r.request_id for r in good)
+    finally:
+        log.close()
+
+    assert replay_rejected(engine=get_engine(scratch_url)).still_rejected == 1  # the cause is still there
+    with setup.begin() as connection:
+        connection.execute(text("ALTER TABLE prediction_log DROP CONSTRAINT no_bad"))
+    setup.dispose()
+    result = replay_rejected(engine=get_engine(scratch_url))
+    assert (result.replayed, result.still_rejected) == (1, 0)
+    assert sorted(logged_ids(scratch_url)) == sorted(r.request_id for r in [*good, bad])
+    assert not list(flood_home.glob("journal/rejected-*"))
+
+
+def test_a_hung_database_costs_no_memory_and_shows_within_seconds(
+    postgres_url: str, postgres_proxy: FaultyProxy, flood_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL hung (bytes accepted, nothing answered): commits still return at once from
+    the journal, rows wait on disk rather than in memory, health says so; all land after."""
+    monkeypatch.setattr("ops.predictionlog._STALL_SECONDS", 1.0)
+    engine = create_database_engine(postgres_proxy.url_for(postgres_url, 5432), pool_size=2)
+    log = PredictionLog(engine=engine, flush_ms=20, batch_rows=50, retry_seconds=0.2)
+    log.start()
+    records = [make_record() for _ in range(600)]
+    try:
+        assert log.flush(10)
+        postgres_proxy.hang()
+
+        async def commit_all() -> float:
+            slowest = 0.0
+            for start in range(0, 600, 20):
+                began = time.perf_counter()
+                await asyncio.gather(*(log.commit([r]) for r in records[start : start + 20]))
+                slowest = max(slowest, time.perf_counter() - began)
+                await asyncio.sleep(0.005)
+            return slowest
+
+        slowest = asyncio.run(commit_all())
+        time.sleep(1.5)
+        health = log.health()
+        print(f"hung database: slowest commit group {slowest * 1000:.1f} ms, health {health['problems']}")
+        assert slowest < 0.5
+        assert health["status"] == "degraded" and health["rows_pending"] >= 550, health
+        assert log._pending_memory_rows <= 50_000
+        postgres_proxy.resume()
+        deadline = time.monotonic() + 30
+        while len(logged_ids(postgres_url)) < 600 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(logged_ids(postgres_url)) == sorted(r.request_id for r in records)
+    finally:
+        postgres_proxy.resume()
+        log.close()
+        engine.dispose()
+
+
+def test_a_durable_request_is_refused_when_neither_journal_nor_database_can_keep_it(
+    postgres_url: str, postgres_proxy: FaultyProxy, flood_home: Path
+) -> None:
+    (flood_home / "journal").parent.mkdir(parents=True, exist_ok=True)
+    (flood_home / "journal").write_text("not a directory\n")  # the journal cannot be written
+    engine = create_database_engine(postgres_proxy.url_for(postgres_url, 5432), pool_size=1)
+    log = PredictionLog(engine=engine, retry_seconds=0.1)
+    log.start()
+    try:
+        first = make_record()
+        asyncio.run(log.commit([first]))  # database up: committed straight into it
+        assert logged_ids(postgres_url) == [first.request_id]
+        postgres_proxy.stop()
+        with pytest.raises(PredictionLogUnavailableError):
+            asyncio.run(log.commit([make_record()]))
+        assert log.rows_refused == 1 and log.health()["status"] == "degraded"
+    finally:
+        log.close()
+        engine.dispose()
+
+
+def test_a_failing_writer_is_restarted_and_never_reported_ok(
+    postgres_url: str, flood_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20)
+    log.start()
+    broken = threading.Event()
+    broken.set()
+    append = log._append_segment
+
+    def faulty_append(records: list[PredictionRecord]) -> None:  # a bug, injected
+        if broken.is_set():
+            raise RuntimeError("injected writer bug")
+        append(records)
+
+    monkeypatch.setattr(log, "_append_segment", faulty_append)
+    try:
+        with pytest.raises(PredictionLogUnavailableError):
+            asyncio.run(log.commit([make_record()]))  # refused, not left waiting
+        health = log.health()
+        assert health["status"] == "degraded" and "restarting" in " ".join(health["problems"]), health
+        broken.clear()
+        time.sleep(1.0)
+        record = make_record()
+        asyncio.run(log.commit([record]))
+        assert log.flush(10)
+        assert logged_ids(postgres_url) == [record.request_id]
+        assert log.writer_restarts >= 1 and log.health()["status"] == "ok"
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "transient"),
+    [
+        ("08006", True),  # connection failure
+        ("25006", True),  # read-only transaction
+        ("40001", True),  # serialization failure
+        ("53100", True),  # disk full
+        ("57P01", True),  # admin shutdown
+        ("57014", True),  # statement timeout
+        ("42P01", True),  # table missing: schema not upgraded yet
+        ("23505", False),  # unique violation
+        ("22001", False),  # value too long
+    ],
+)
+def test_transient_is_decided_by_sqlstate_class(sqlstate: str, transient: bool) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    class DriverError(Exception):
+        pgcode = sqlstate
+
+    assert is_transient(DBAPIError("INSERT", {}, DriverError())) is transient

@@ -85,19 +85,18 @@ def answered_ids(outcomes: list[Outcome]) -> list[str]:
     return [o.request_id for o in outcomes if o.status == 200]
 
 
-def log_counts(database_url: str, request_ids: list[str]) -> dict[str, int]:
-    """How many prediction-log rows each request id has (absent ids: none)."""
+def log_counts(database_url: str, ids: list[str], *, column: str = "client_request_id") -> dict[str, int]:
+    """How many prediction-log rows each id has (absent ids: none). By default the ids are
+    the X-Request-IDs the load sent (stored as client_request_id); ``column="request_id"``
+    counts by the server's row ids."""
     engine = create_engine(database_url)
+    key = getattr(PredictionLogRow, column)
     counts: dict[str, int] = {}
     try:
         with engine.connect() as connection:
-            for start in range(0, len(request_ids), 1000):
-                chunk = request_ids[start : start + 1000]
-                query = (
-                    select(PredictionLogRow.request_id, func.count())
-                    .where(PredictionLogRow.request_id.in_(chunk))
-                    .group_by(PredictionLogRow.request_id)
-                )
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start : start + 1000]
+                query = select(key, func.count()).where(key.in_(chunk)).group_by(key)
                 counts.update({row[0]: row[1] for row in connection.execute(query)})
     finally:
         engine.dispose()

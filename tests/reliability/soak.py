@@ -149,7 +149,8 @@ async def run_load(
             latencies.append(time.perf_counter() - sent)
             statuses[status] += 1
             if status == "200":
-                logged.extend([f"{request_id}#{i}" for i in range(BATCH_ROWS)] if batch else [request_id])
+                row_id = answer.json()["request_id"]  # the server's: the log's key
+                logged.extend([f"{row_id}#{i}" for i in range(BATCH_ROWS)] if batch else [row_id])
 
     async def sample() -> None:
         while time.monotonic() - start < duration_s:
@@ -219,7 +220,7 @@ def soak(*, duration_s: float, warmup_s: float, rps: float, concurrency: int, wo
         finally:
             stop_server(server.process)  # flushes the prediction log
         report.log_rows_expected = len(logged)
-        counts = log_counts(database_url, logged)
+        counts = log_counts(database_url, logged, column="request_id")
         report.log_rows_found = len(counts)
         report.log_rows_duplicated = sum(n > 1 for n in counts.values())
         dispose_engines()

@@ -335,18 +335,19 @@ def test_fail_closed_refuses_without_redis(deployment: OpsDeployment) -> None:
 # -- prediction log ---------------------------------------------------------------------
 
 
-def logged_rows(database_url: str, request_ids: list[str]) -> dict[str, list[PredictionLogRow]]:
+def logged_rows(database_url: str, client_ids: list[str]) -> dict[str, list[PredictionLogRow]]:
+    """Prediction-log rows by the X-Request-ID their requests were sent with."""
     engine = create_engine(database_url)
     try:
         with engine.connect() as connection:
             rows = connection.execute(
-                select(PredictionLogRow).where(PredictionLogRow.request_id.in_(request_ids))
+                select(PredictionLogRow).where(PredictionLogRow.client_request_id.in_(client_ids))
             ).all()
     finally:
         engine.dispose()
     found: dict[str, list[Any]] = {}
     for row in rows:
-        found.setdefault(row.request_id, []).append(row)
+        found.setdefault(row.client_request_id, []).append(row)
     return found
 
 
@@ -385,14 +386,17 @@ def test_predictions_land_in_postgres_once_through_a_database_outage(deployment:
     batch_id = f"{run}-batch"
     batch = post(a, {**headers, "X-Request-ID": batch_id}, json={"observations": [DAY, DAY]})
     assert batch.status_code == 200
-    expected = [*sent, f"{batch_id}#0", f"{batch_id}#1"]
+    expected = [*sent, batch_id]
     wait_until(
         lambda: len(logged_rows(deployment.database_url, expected)) == len(expected),
         timeout_s=30,
         what="every prediction in PostgreSQL after the outage",
     )
     found = logged_rows(deployment.database_url, expected)
-    assert all(len(rows) == 1 for rows in found.values()), "a request id was logged twice"
+    assert sorted(r.request_id for r in found.pop(batch_id)) == [
+        f"{batch.json()['request_id']}#{i}" for i in range(2)
+    ]
+    assert all(len(rows) == 1 for rows in found.values()), "a request was logged twice"
     served = httpx.get(f"{a.url}/api/v1/model", headers=headers, timeout=10).json()
     for request_id, (inputs, answer) in sent.items():
         (row,) = found[request_id]

@@ -79,15 +79,24 @@ async def predict_observations(
     ref = ModelRef(name=served.name, version=served.version, bento_tag=backend.bento_tag)
     risk_level = served.thresholds.risk_level
     # Built without re-validation: every value is ours, and a batch answer is 256 rows.
+    client_id = request.state.client_request_id
     predictions = [
-        Prediction.model_construct(probability=p, risk_level=risk_level(p), model=ref, request_id=request_id)
+        Prediction.model_construct(
+            probability=p,
+            risk_level=risk_level(p),
+            model=ref,
+            request_id=request_id,
+            client_request_id=client_id,
+        )
         for p in map(float, probabilities)
     ]
     version = str(served.version)
     for level, count in Counter(p.risk_level for p in predictions).items():
         metrics.predictions.labels(risk_level=level, model_version=version).inc(count)
     if backend.operations is not None:
-        backend.operations.record(
+        # Durable before answered (PREDICTION_LOG_DURABILITY): refused with a 503 when
+        # nothing can keep the rows.
+        await backend.operations.record(
             prediction_records(
                 request, observations, predictions, request_id=request_id, batch=route != "predict"
             )
@@ -107,6 +116,7 @@ def prediction_records(
     now = datetime.now(UTC)
     latency_ms = (time.perf_counter() - request.state.started) * 1000.0
     key_id = getattr(request.state, "key_id", None)
+    client_id = request.state.client_request_id
     ids = log_row_ids(request_id, len(predictions), batch=batch)
     return [
         PredictionRecord(
@@ -119,6 +129,7 @@ def prediction_records(
             model_version=str(p.model.version),
             bento_tag=p.model.bento_tag,
             latency_ms=latency_ms,
+            client_request_id=client_id,
         )
         for row_id, o, p in zip(ids, observations, predictions, strict=True)
     ]
@@ -174,6 +185,9 @@ async def predict_batch(
     return json_response(
         request,
         BatchPrediction.model_construct(
-            predictions=predictions, count=len(predictions), request_id=request_id
+            predictions=predictions,
+            count=len(predictions),
+            request_id=request_id,
+            client_request_id=request.state.client_request_id,
         ),
     )

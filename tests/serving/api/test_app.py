@@ -81,7 +81,7 @@ def test_predict_answers_the_contract(client: TestClient, backend: LocalBackend)
     response = client.post("/api/v1/predict", json=DAY)
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"probability", "risk_level", "model", "request_id"}
+    assert set(body) == {"probability", "risk_level", "model", "request_id", "client_request_id"}
     expected = float(backend.predictor.predict_proba(np.array([[28, 85, 50] + [math.nan] * 4]))[0])
     assert body["probability"] == pytest.approx(expected)
     assert body["risk_level"] == backend.served.thresholds.risk_level(expected)
@@ -93,12 +93,15 @@ def test_predict_answers_the_contract(client: TestClient, backend: LocalBackend)
     assert response.headers[MODEL_VERSION_HEADER] == str(backend.served.version)
 
 
-def test_request_id_is_echoed_when_sane_and_generated_otherwise(client: TestClient) -> None:
-    given = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "abc-123"})
-    assert given.json()["request_id"] == "abc-123"
+def test_the_request_id_is_the_servers_and_a_sane_client_id_is_echoed_beside_it(client: TestClient) -> None:
+    given = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "abc-123"}).json()
+    again = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": "abc-123"}).json()
+    assert given["client_request_id"] == again["client_request_id"] == "abc-123"
+    # The log's key is ours: a client repeating its id cannot make two answers share a row.
+    assert given["request_id"] != again["request_id"] and len(given["request_id"]) == 32
     for odd in ("no spaces allowed", "x" * 49, "has#hash"):
-        answer = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": odd})
-        assert answer.json()["request_id"] != odd and len(answer.json()["request_id"]) == 32
+        answer = client.post("/api/v1/predict", json=DAY, headers={"X-Request-ID": odd}).json()
+        assert answer["client_request_id"] is None and len(answer["request_id"]) == 32
 
 
 def test_batch_agrees_with_single_predictions(client: TestClient) -> None:
@@ -305,7 +308,9 @@ def test_keys_limits_and_the_log_apply_to_the_api_and_never_to_health(
         rows = {r.request_id: r for r in conn.execute(select(PredictionLogRow.__table__))}
     engine.dispose()
     dispose_engines()
-    assert set(rows) == {ok.json()["request_id"], "b1#0", "b1#1"}
+    batch_id = batch.json()["request_id"]
+    assert set(rows) == {ok.json()["request_id"], f"{batch_id}#0", f"{batch_id}#1"}
+    assert {rows[f"{batch_id}#{i}"].client_request_id for i in range(2)} == {"b1"}
     first = rows[ok.json()["request_id"]]
     assert first.probability == ok.json()["probability"] and first.risk_level == ok.json()["risk_level"]
     assert first.model_version == str(backend.served.version) and first.bento_tag == backend.bento_tag
