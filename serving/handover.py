@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from core.processes import pid_alive
+from serving.shutdown import ARBITER_PID_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def main() -> None:
         )
         return
     _patch_circus()
+    # This process becomes the arbiter; its workers watch it and stop when it dies.
+    os.environ[ARBITER_PID_ENV] = str(os.getpid())
     from bentoml_cli.cli import cli
 
     sys.argv = ["bentoml", *sys.argv[1:]]

@@ -47,7 +47,7 @@ from serving.metrics import get_metrics, scrape_time_metrics
 from serving.model_store import pinned_model_tag, served_model_of
 from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
-from serving.shutdown import GRACEFUL_SHUTDOWN_S, outlive_callers
+from serving.shutdown import GRACEFUL_SHUTDOWN_S, exit_with_arbiter, outlive_callers
 from serving.startup import check_service_start
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class FloodRiskModel:
         )
         logger.info("loaded %s (%s)", self.served.bento_model_tag, engine_for(Path(stored.path)))
         outlive_callers(API_SERVICE_NAME, max_wait_s=MODEL_OUTLIVES_API_S)
+        exit_with_arbiter(graceful_s=MODEL_OUTLIVES_API_S)
         tune_garbage_collector()
 
     # BentoML reads the API's shape when the class is declared, so the switch is read here.
@@ -145,6 +146,7 @@ class FloodRiskAPI:
         self._engine = engine_for(Path(stored.path))
         self._bento_tag = bentoml_internals.current_bento_tag() or "(development)"
         self._operations = EdgeOperations.start()
+        exit_with_arbiter(graceful_s=GRACEFUL_SHUTDOWN_S)
         self._coalescer = (
             RowCoalescer(self._call_model, max_rows=MAX_BATCH_SIZE, max_in_flight=MODEL_CALLS_IN_FLIGHT)
             if get_settings().serving_batching
