@@ -29,13 +29,15 @@ class Outcome:
 
 @dataclass
 class BackgroundLoad:
-    """``concurrency`` threads, each POSTing one observation, pausing ``pause_s`` between."""
+    """``concurrency`` threads, each POSTing ``body`` to ``path`` (one observation by
+    default), pausing ``pause_s`` between."""
 
     url: str
     headers: dict[str, str]
     concurrency: int = 4
     pause_s: float = 0.02
     body: dict[str, Any] = field(default_factory=lambda: dict(DAY))
+    path: str = "/api/v1/predict"
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -67,7 +69,7 @@ class BackgroundLoad:
                 status: int | str
                 try:
                     answer = client.post(
-                        f"{self.url}/api/v1/predict", json=self.body, headers={"X-Request-ID": request_id}
+                        f"{self.url}{self.path}", json=self.body, headers={"X-Request-ID": request_id}
                     )
                     status = answer.status_code
                 except httpx.HTTPError as exc:

@@ -118,21 +118,26 @@ def wait_until(condition: Callable[[], bool], *, timeout_s: float, what: str) ->
         time.sleep(0.1)
 
 
-def rows_lost(database_url: str, outcomes: list[Outcome], *, timeout_s: float) -> tuple[int, float]:
-    """Answered predictions missing from the log once it settles, and how long settling took.
-    Every id that is there must be there exactly once."""
+def rows_lost(
+    database_url: str, outcomes: list[Outcome], *, timeout_s: float, rows_per_request: int = 1
+) -> tuple[int, float]:
+    """Rows of answered predictions missing from the log once it settles, and how long
+    settling took. No request may have more rows than it predicted (a duplicate)."""
     ids = answered_ids(outcomes)
+    expected = len(ids) * rows_per_request
+
+    def logged() -> int:
+        counts = log_counts(database_url, ids)
+        assert all(n <= rows_per_request for n in counts.values()), "a prediction was logged more than once"
+        return sum(counts.values())
+
     try:
         waited = wait_until(
-            lambda: len(log_counts(database_url, ids)) == len(ids),
-            timeout_s=timeout_s,
-            what="every answered prediction in the log",
+            lambda: logged() == expected, timeout_s=timeout_s, what="every answered row in the log"
         )
     except AssertionError:
         waited = timeout_s
-    counts = log_counts(database_url, ids)
-    assert all(n == 1 for n in counts.values()), "a request id was logged more than once"
-    return len(ids) - len(counts), waited
+    return expected - logged(), waited
 
 
 def model_workers(server: Server) -> list[psutil.Process]:
