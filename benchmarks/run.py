@@ -1,7 +1,7 @@
 """``make bench``: our Bento against mlflow serve and a bare ONNX ceiling, same model version.
 
     .venv/bin/python -m benchmarks.run [--smoke] [--duration 15] [--concurrency 1,16,64]
-        [--models real,stress] [--peers bento,bento-nobatch,mlflow,ceiling] [--out DIR]
+        [--models real,stress] [--peers bento,bento-async,bento-nobatch,mlflow,ceiling] [--out DIR]
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` under ``benchmarks/results/<time>/``
 (server logs beside them) and prints the Markdown table. Needs wrk, PostgreSQL and Redis
@@ -49,7 +49,7 @@ from ops.database import scratch_postgres_database
 logger = logging.getLogger("benchmarks")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PEER_NAMES = ("bento", "bento-nobatch", "mlflow", "ceiling")
+PEER_NAMES = ("bento", "bento-async", "bento-nobatch", "mlflow", "ceiling")
 # The switch serving must offer for the "batching off" peer (SERVING_BATCHING=false).
 BATCHING_SETTING = "serving_batching"
 PACKAGES = (
@@ -110,6 +110,11 @@ def peer_specs(config: BenchConfig) -> dict[str, PeerSpec]:
             "bento", "our Bento, full stack, adaptive batching", "/api/v1/predict", "/api/v1/predict/batch",
             "flood", "/readyz", uses_key=True, batching=True, workers=bento_workers,
             bento_config=config.bento_config,
+        ),
+        "bento-async": PeerSpec(
+            "bento-async", "the same Bento, prediction log async (not durable before answered)",
+            "/api/v1/predict", "/api/v1/predict/batch", "flood", "/readyz", uses_key=True, batching=True,
+            durability="async", workers=bento_workers, bento_config=config.bento_config,
         ),
         "bento-nobatch": PeerSpec(
             "bento-nobatch", "the same Bento, batching off", "/api/v1/predict", "/api/v1/predict/batch",

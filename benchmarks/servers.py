@@ -43,6 +43,7 @@ class PeerSpec:
     ready_path: str
     uses_key: bool = False
     batching: bool | None = None  # Bento peers only
+    durability: str | None = None  # PREDICTION_LOG_DURABILITY; Bento peers only, None: the default
     workers: dict[str, int] = field(default_factory=dict)
     # Further BentoML config (BENTOML_CONFIG_OVERRIDES), e.g. access logging off; Bento peers only.
     bento_config: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +102,8 @@ def bento_command(
         env["BENTOML_CONFIG_OVERRIDES"] = bento_overrides(spec.workers, spec.bento_config)
     if spec.batching is not None:
         env["SERVING_BATCHING"] = "true" if spec.batching else "false"
+    if spec.durability is not None:
+        env["PREDICTION_LOG_DURABILITY"] = spec.durability
     return serve_argv(find_bento(model.bento_tag, settings=settings), host=HOST, port=port), env
 
 
