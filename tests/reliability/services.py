@@ -112,6 +112,19 @@ class PrivatePostgres:
     def stop(self) -> None:
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def create_database(self, name: str) -> str:
+        """A new database at the ops schema's head revision; its URL."""
+        from sqlalchemy import create_engine, text
+
+        from ops.migrations import upgrade_database
+
+        admin = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        upgrade_database(self.url(name))
+        return self.url(name)
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg2://{PG_USER}@127.0.0.1:{self.port}/{database}"
 

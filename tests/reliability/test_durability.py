@@ -29,7 +29,6 @@ from bundle.bentos import find_bento
 from core.settings import Settings
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
-from ops.migrations import upgrade_database
 from ops.tables import PredictionLogRow
 from tests.reliability.conftest import Figure, record_figure
 from tests.reliability.load import DAY, BackgroundLoad, Outcome, statuses
@@ -109,11 +108,7 @@ def durable(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         postgres.init()
         postgres.start()
-        admin = create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text('CREATE DATABASE "flood"'))
-        admin.dispose()
-        upgrade_database(postgres.url("flood"))
+        postgres.create_database("flood")
         redis.start()
         shutil.copytree(built_home.settings.bentoml_home, root / "bentoml", symlinks=True)
         secret = secrets.token_urlsafe(48)

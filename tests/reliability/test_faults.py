@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, select
 
 from bundle.bentos import find_bento
 from core.errors import BackupError
@@ -27,7 +27,6 @@ from core.settings import Settings
 from ops.backup import restore_backup, run_backup, verify_backup
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
-from ops.migrations import upgrade_database
 from ops.tables import PredictionLogRow
 from tests.reliability.conftest import Figure, record_figure
 from tests.reliability.load import DAY, BackgroundLoad, Outcome, answered_ids, log_counts, statuses
@@ -68,12 +67,7 @@ def deployment(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) 
     try:
         postgres.init()
         postgres.start()
-        admin = create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text('CREATE DATABASE "flood"'))
-        admin.dispose()
-        database_url = postgres.url("flood")
-        upgrade_database(database_url)
+        database_url = postgres.create_database("flood")
         redis.start()
         shutil.copytree(built_home.settings.bentoml_home, root / "bentoml", symlinks=True)
         secret = secrets.token_urlsafe(48)
