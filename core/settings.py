@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # configuration.
     celery_broker_url: str | None = None
     celery_result_backend: str | None = None
+    # A backup task is killed past this; the broker redelivers an unfinished one (worker
+    # killed) after 1.2 x this + 10 s, so the default brings a lost backup back within 13 min.
+    backup_time_limit_seconds: int = Field(default=600, ge=5)
     backup_keep_full: int = Field(default=7, ge=1)
     backup_keep_schema: int = Field(default=4, ge=1)
     # Safety backups taken by `flood backup restore` before it overwrites anything.

@@ -8,6 +8,7 @@ JSON summary. Configuration is read from settings when Celery first needs it, no
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,11 +19,12 @@ from typing import Any
 from celery import Celery, Task
 from celery.beat import PersistentScheduler
 from celery.schedules import crontab
-from celery.signals import beat_init, worker_process_init
+from celery.signals import beat_init, worker_process_init, worker_ready
 
 from core.errors import BackupError
 from core.settings import Settings, get_settings
 from ops import backup, retention
+from ops.backup.catalogue import record_failure
 from ops.database import dispose_engines
 
 logger = logging.getLogger(__name__)
@@ -31,11 +33,21 @@ TIMEZONE = "Asia/Manila"
 BACKUP_QUEUE = "flood.backups"
 MAINTENANCE_QUEUE = "flood.maintenance"
 HEARTBEAT_SUFFIX = ".heartbeat"
-# A backup of a large prediction log can take a while; past this the worker kills it.
-_BACKUP_TIME_LIMIT_S = 2 * 3600
-# Redis redelivers an unacknowledged (acks_late) task after the visibility timeout; it must
-# exceed the longest task or a slow backup would run twice.
-_VISIBILITY_TIMEOUT_S = _BACKUP_TIME_LIMIT_S + 3600
+RUNNING_DIR = "running"  # under the backup directory: one marker per backup task in progress
+# A marker this long past its task's time limit means the task died without cleaning up.
+_STUCK_GRACE_S = 60
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Seconds after which Redis hands an unacknowledged task to another worker.
+
+    With acks_late, a worker killed together with its pool child (kill -9 of both, a lost
+    host) cannot give its task back, so only this timeout brings it back. It must exceed the
+    longest task (BACKUP_TIME_LIMIT_SECONDS) or a slow backup would run twice, and it should
+    be short, or a lost backup waits hours. RabbitMQ needs none of this: it redelivers the
+    moment the worker's connection drops.
+    """
+    return int(settings.backup_time_limit_seconds * 1.2) + 10
 
 app = Celery("floodingnaque", set_as_current=False)
 
@@ -46,7 +58,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.celery_broker,
         "result_backend": settings.celery_backend,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": _VISIBILITY_TIMEOUT_S},
+        # kombu sweeps for tasks past the timeout every interval x throttle seconds (100 s by
+        # default): every 10 s keeps the redelivery close to the timeout itself.
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout(settings),
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -61,6 +79,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_routes": {"flood.backup.*": {"queue": BACKUP_QUEUE}},
         "task_track_started": True,
+        # Time limits from settings, not the decorators: those run at import.
+        "task_annotations": {
+            "flood.backup.run": {
+                "time_limit": settings.backup_time_limit_seconds,
+                # The soft limit lets the task fail cleanly (and record it) before the hard kill.
+                "soft_time_limit": settings.backup_time_limit_seconds
+                - max(1, min(30, settings.backup_time_limit_seconds // 5)),
+            }
+        },
         "result_expires": 7 * 24 * 3600,
         "beat_max_loop_interval": 60,
         "beat_scheduler": "ops.tasks:HeartbeatScheduler",
@@ -83,6 +110,10 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
         "backup-cleanup-daily": {
             "task": "flood.backup.cleanup",
             "schedule": crontab(minute="30", hour="4", app=app),
+        },
+        "backup-sweep-stuck": {
+            "task": "flood.backup.sweep",
+            "schedule": crontab(minute="*/10", app=app),
         },
         "prediction-log-retention-daily": {
             "task": "flood.prediction_log.retention",
@@ -146,11 +177,15 @@ def _reset_engines(**_: Any) -> None:
     max_retries=3,
     retry_backoff=300,
     retry_backoff_max=1800,
-    soft_time_limit=_BACKUP_TIME_LIMIT_S - 300,
-    time_limit=_BACKUP_TIME_LIMIT_S,
 )  # type: ignore[untyped-decorator]
 def run_backup_task(self: Task, kind: backup.BackupKind = "full") -> dict[str, Any]:
-    manifest = backup.run_backup(kind=kind)
+    marker = _running_marker(self.request.id, kind=kind)
+    try:
+        manifest = backup.run_backup(kind=kind)
+    finally:
+        # Gone however the task ends, except when the process is killed: then the sweep
+        # finds it (sweep_stuck_backups).
+        marker.unlink(missing_ok=True)
     logger.info("task %s: %s backup %s", self.request.id, kind, manifest.file)
     return {
         "file": manifest.file,
@@ -161,6 +196,69 @@ def run_backup_task(self: Task, kind: backup.BackupKind = "full") -> dict[str, A
         "tables": manifest.tables,
         "alembic_revision": manifest.alembic_revision,
     }
+
+
+def _running_dir(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).backup_dir / RUNNING_DIR
+
+
+def _running_marker(task_id: str, *, kind: str) -> Path:
+    path = _running_dir() / f"{task_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(UTC).isoformat()
+    path.write_text(json.dumps({"task_id": task_id, "kind": kind, "started_at": started}))
+    return path
+
+
+def sweep_stuck_backups(*, settings: Settings | None = None, now: datetime | None = None) -> list[str]:
+    """Backups whose task died mid-run (worker SIGKILLed with its child, host lost): past
+    their time limit, each is recorded as a failure (``flood_backup_failures_total``) and
+    its result marked FAILURE instead of STARTED forever. The ids swept.
+
+    A marker file per running backup, not the result backend: a STARTED result carries no
+    start time, and the marker lives beside the catalogue the failure count is kept in. The
+    broker still redelivers the task (visibility_timeout); a redelivery that completes sets
+    the result to SUCCESS, and the failed attempt stays counted.
+    """
+    settings = settings or get_settings()
+    now = now or datetime.now(UTC)
+    limit = settings.backup_time_limit_seconds + _STUCK_GRACE_S
+    swept = []
+    for path in sorted(_running_dir(settings).glob("*.json")):
+        try:
+            marker = json.loads(path.read_text())
+            started = datetime.fromisoformat(marker["started_at"])
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("unreadable backup marker %s (%s): removed", path, exc)
+            path.unlink(missing_ok=True)
+            continue
+        if (now - started).total_seconds() < limit:
+            continue
+        task_id, kind = str(marker["task_id"]), str(marker.get("kind", "full"))
+        error = (
+            f"backup task {task_id} did not finish within its time limit of "
+            f"{settings.backup_time_limit_seconds} s (its worker was killed?)"
+        )
+        record_failure(settings.backup_dir, kind=kind, error=error)
+        app.backend.mark_as_failure(task_id, BackupError(error))
+        path.unlink(missing_ok=True)
+        logger.error("%s; marked failed, the broker redelivers it", error)
+        swept.append(task_id)
+    return swept
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _sweep_at_start(**_: Any) -> None:
+    # A worker restarted after a crash looks first; beat's sweep covers the rest.
+    try:
+        sweep_stuck_backups()
+    except Exception:
+        logger.exception("sweeping stuck backups at worker start failed")
+
+
+@app.task(name="flood.backup.sweep")  # type: ignore[untyped-decorator]
+def sweep_stuck_backups_task() -> dict[str, Any]:
+    return {"failed": sweep_stuck_backups()}
 
 
 @app.task(name="flood.backup.cleanup")  # type: ignore[untyped-decorator]
