@@ -49,6 +49,7 @@ def visibility_timeout(settings: Settings) -> int:
     """
     return int(settings.backup_time_limit_seconds * 1.2) + 10
 
+
 app = Celery("floodingnaque", set_as_current=False)
 
 
