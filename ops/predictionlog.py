@@ -325,6 +325,8 @@ class PredictionLog:
         """Hand over one request's records; in durable mode, return once they are fsynced to
         the journal or committed in the database, else raise
         :class:`PredictionLogUnavailableError` (within PREDICTION_LOG_COMMIT_TIMEOUT_MS)."""
+        if not records:
+            return
         if self.durability == "async" or self._thread_missing("prediction-journal"):
             if self.durability == "durable":
                 self._refuse(records, "the journal writer is not running")
@@ -506,6 +508,7 @@ class PredictionLog:
             self._incoming_rows -= len(records)
         records = [*self._take_held(), *records]
         if not records:
+            self._settle_all(submissions, None)  # e.g. an empty batch: nothing to keep
             return
         error: Exception | None = None
         try:

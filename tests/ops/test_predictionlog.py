@@ -25,6 +25,7 @@ from ops.predictionlog import (
     PredictionLog,
     PredictionLogUnavailableError,
     PredictionRecord,
+    _Submission,
     is_transient,
     replay_rejected,
 )
@@ -287,6 +288,26 @@ def test_a_durable_commit_returns_only_once_the_rows_are_fsynced_and_shares_fsyn
     finally:
         log.close()
         engine.dispose()
+
+
+def test_an_empty_commit_returns_at_once_in_durable_mode(postgres_url: str, flood_home: Path) -> None:
+    """An empty batch has no rows to keep; it found a 5 s wait and a 503 (schemathesis)."""
+    log = PredictionLog(engine=get_engine(postgres_url), durability="durable")
+    log.start()
+    try:
+        started = time.perf_counter()
+        asyncio.run(log.commit([]))
+
+        async def empty_group() -> None:
+            # What a request with no rows would wait on, should one reach the journal thread.
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            log._incoming.put(_Submission((), future, asyncio.get_running_loop()))
+            await asyncio.wait_for(future, 2)
+
+        asyncio.run(empty_group())
+        assert time.perf_counter() - started < 1.0
+    finally:
+        log.close()
 
 
 def test_async_durability_does_not_wait(postgres_url: str, flood_home: Path) -> None:
