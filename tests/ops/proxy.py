@@ -37,7 +37,8 @@ class FaultyProxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def stop(self) -> None:
-        listener, self._listener = self._listener, None
+        with self._lock:
+            listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
@@ -68,6 +69,11 @@ class FaultyProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if self._listener is not listener:
+                    # stop() ran while this one was being connected: it must not outlive the cut.
+                    client.close()
+                    upstream.close()
+                    return
                 self._connections += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()

@@ -109,9 +109,12 @@ def test_workers_exit_when_their_arbiter_is_killed(
         # No answer went wrong: what was accepted was answered (the model outlived the API),
         # the rest could not connect.
         assert statuses[200] > 0 and not [s for s in statuses if isinstance(s, int) and s != 200], statuses
-        # They stopped the ordinary way, drained and flushed, not by the hard exit.
+        # They stopped the ordinary way, drained and flushed, not by the hard exit. Which of
+        # the parent-death signal and the watchdog got there first varies, and a worker the
+        # signal stopped may exit before its watchdog thread logs, so the watchdog's line is
+        # not counted: every worker's own cleanup is.
         log = first_log.read_text()
-        assert log.count(f"arbiter (pid {arbiter.pid}) is gone") == len(workers), log[-3000:]
+        assert log.count("Service instance cleanup finalized") == len(workers), log[-3000:]
         api_workers = sum(kind == API_SERVICE_NAME for kind in kinds.values())
         assert log.count("Completed cleanup hook: close_operations") == api_workers, log[-3000:]
         assert "after its arbiter died; exiting" not in log
