@@ -49,12 +49,12 @@ from ops.database import scratch_postgres_database
 logger = logging.getLogger("benchmarks")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PEER_NAMES = ("bento", "bento-async", "bento-nobatch", "mlflow", "ceiling")
+PEER_NAMES = ("bento", "bento-async", "bento-inprocess", "bento-nobatch", "mlflow", "ceiling")
 # The switch serving must offer for the "batching off" peer (SERVING_BATCHING=false).
 BATCHING_SETTING = "serving_batching"
 PACKAGES = (
     "bentoml", "mlflow", "scikit-learn", "onnxruntime", "skl2onnx", "numpy", "pandas", "pydantic",
-    "uvicorn", "starlette", "h11", "httptools", "uvloop", "limits", "redis", "SQLAlchemy",
+    "uvicorn", "starlette", "h11", "httptools", "uvloop", "redis", "hiredis", "SQLAlchemy",
     "psycopg2-binary", "skops",
 )  # fmt: skip
 # A tier no benchmark reaches, so every request takes the limiter's full "allowed" path.
@@ -115,6 +115,11 @@ def peer_specs(config: BenchConfig) -> dict[str, PeerSpec]:
             "bento-async", "the same Bento, prediction log async (not durable before answered)",
             "/api/v1/predict", "/api/v1/predict/batch", "flood", "/readyz", uses_key=True, batching=True,
             durability="async", workers=bento_workers, bento_config=config.bento_config,
+        ),
+        "bento-inprocess": PeerSpec(
+            "bento-inprocess", "the same Bento, the model called inside the API workers (no runner hop)",
+            "/api/v1/predict", "/api/v1/predict/batch", "flood", "/readyz", uses_key=True, batching=True,
+            model_in_process=True, workers=bento_workers, bento_config=config.bento_config,
         ),
         "bento-nobatch": PeerSpec(
             "bento-nobatch", "the same Bento, batching off", "/api/v1/predict", "/api/v1/predict/batch",

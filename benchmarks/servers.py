@@ -44,6 +44,7 @@ class PeerSpec:
     uses_key: bool = False
     batching: bool | None = None  # Bento peers only
     durability: str | None = None  # PREDICTION_LOG_DURABILITY; Bento peers only, None: the default
+    model_in_process: bool = False  # SERVING_MODEL_IN_PROCESS; Bento peers only
     workers: dict[str, int] = field(default_factory=dict)
     # Further BentoML config (BENTOML_CONFIG_OVERRIDES), e.g. access logging off; Bento peers only.
     bento_config: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +105,8 @@ def bento_command(
         env["SERVING_BATCHING"] = "true" if spec.batching else "false"
     if spec.durability is not None:
         env["PREDICTION_LOG_DURABILITY"] = spec.durability
+    if spec.model_in_process:
+        env["SERVING_MODEL_IN_PROCESS"] = "true"
     return serve_argv(find_bento(model.bento_tag, settings=settings), host=HOST, port=port), env
 
 

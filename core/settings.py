@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     auth_bypass_enabled: bool = False
     db_pool_size: int = Field(default=5, ge=1, le=100)
     rate_limit_default: str = "5/minute;100/hour"
-    # Per-tier limits in the `limits` library's notation; RATE_LIMIT_TIERS takes JSON.
+    # Per-tier limits ("5/minute;100/hour", ops.ratelimit.parse_limits); RATE_LIMIT_TIERS takes JSON.
     rate_limit_tiers: dict[str, str] = Field(
         default_factory=lambda: {
             "free": "5/minute;100/hour",
@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     # Cost per row for each route; routes not listed cost one per row.
     rate_limit_route_weights: dict[str, int] = Field(default_factory=dict)
     rate_limit_policy: Literal["fail-open", "fail-closed"] = "fail-open"
-    # Where the limits are counted, as a `limits` storage URI (redis://, redis+sentinel://,
-    # redis+cluster://, memcached://, memory://); unset: REDIS_URL, else in-process.
+    # Where the limits are counted (redis://, rediss://, unix:// or memory://); unset:
+    # REDIS_URL, else in-process.
     rate_limit_storage_uri: str | None = None
     # Production refuses in-process limits (they multiply with workers and replicas) unless
     # this says a single API worker is meant; the start logs that choice.
@@ -87,6 +87,16 @@ class Settings(BaseSettings):
     # API workers per `bentoml serve` (each holds its own key cache, limiter client and
     # prediction-log writer); "cpu_count" is one per core.
     serving_api_workers: int | Literal["cpu_count"] = "cpu_count"
+    # OpenTelemetry spans for the prediction routes and the internal model service. Off by
+    # default: BentoML records every span even at sample rate 0 (~0.3 ms a request).
+    serving_tracing: bool = False
+    # The API's access log (one line per request) and the internal model service's (one per
+    # model call, ~1 ms of its CPU each; the API's line already names every request).
+    serving_access_log: bool = True
+    serving_model_access_log: bool = False
+    # Call the model inside each API worker instead of the model service (which still
+    # starts, idle): what `make bench` compares to show what the hop to the runner costs.
+    serving_model_in_process: bool = False
 
     # Celery: broker and result backend default to REDIS_URL, then to a local Redis (db 1:
     # db 0 is the rate limiter's and the tests'), so `celery -A ops.tasks worker` needs no

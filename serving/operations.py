@@ -5,19 +5,17 @@ it stops (the close flushes the prediction log). The edge's dependencies
 (``serving.api.deps``) call it; it refuses with domain exceptions (``core.errors``) and
 the edge chooses their status codes.
 
-The key check and a Redis rate-limit call are synchronous and may wait on the network (a
-cache miss asks the database; an unreachable PostgreSQL costs its connect timeout), so
-they run in the thread pool; a cached key and the in-process limiter are microseconds and
-run inline.
+The key check is synchronous and may wait on the network (a cache miss asks the database;
+an unreachable PostgreSQL costs its connect timeout), so a miss runs in the thread pool; a
+cached key is microseconds and runs inline. The rate limiter is async on the worker's loop.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio.to_thread
 from prometheus_client import Counter
@@ -30,8 +28,6 @@ from ops.ratelimit import RateLimitDecision, RateLimiter
 from serving.metrics import get_metrics
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class _CounterExport:
@@ -127,7 +123,7 @@ class EdgeOperations:
         """
         cost = self.limiter.cost_for(route, rows)
         try:
-            decision = await self._run(functools.partial(self.limiter.hit, key.key_id, key.tier, cost=cost))
+            decision = await self.limiter.hit(key.key_id, key.tier, cost=cost)
         finally:
             self._sync_counters()
         headers = decision.headers()
@@ -152,11 +148,6 @@ class EdgeOperations:
             headers=headers,
         )
 
-    async def _run(self, call: Callable[[], T]) -> T:
-        if self.limiter.backend == "memory":
-            return call()
-        return await anyio.to_thread.run_sync(call)
-
     async def record(self, records: Sequence[PredictionRecord]) -> None:
         """Log one request's rows; in durable mode, once this returns they are fsynced or
         committed (``PredictionLogUnavailableError`` when nothing can take them)."""
@@ -173,7 +164,7 @@ class EdgeOperations:
 
     async def health(self) -> dict[str, dict[str, Any]]:
         """Rate limiter (pings Redis) and prediction log state for ``/health/detailed``."""
-        limiter = await anyio.to_thread.run_sync(self.limiter.health)
+        limiter = await self.limiter.health()
         self._sync_counters()
         return {"rate_limiter": limiter, "prediction_log": self.log.health()}
 

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import IN_CI, POSTGRES_URL, REDIS_URL, require_service
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-PEERS = {"bento", "bento-async", "bento-nobatch", "mlflow", "ceiling"}
+PEERS = {"bento", "bento-async", "bento-inprocess", "bento-nobatch", "mlflow", "ceiling"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.postgres, pytest.mark.redis]
 

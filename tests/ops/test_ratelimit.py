@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
 from core.errors import ConfigurationError, DependencyUnavailableError
 from core.settings import get_settings
-from ops.ratelimit import RateLimiter
+from ops.ratelimit import RateLimitDecision, RateLimiter, parse_limits
 from tests.conftest import REDIS_URL
 from tests.ops.proxy import FaultyProxy
 
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
+T = TypeVar("T")
+
+
+def run(call: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(call)
+
+
+def hit(limiter: RateLimiter, identity: str, tier: str, *, cost: int = 1) -> RateLimitDecision:
+    return run(limiter.hit(identity, tier, cost=cost))
 
 
 @pytest.fixture
@@ -26,7 +38,10 @@ def tiers(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 def allowed_count(limiter: RateLimiter, identity: str, tier: str, attempts: int) -> int:
-    return sum(limiter.hit(identity, tier).allowed for _ in range(attempts))
+    async def attempt() -> int:
+        return sum([(await limiter.hit(identity, tier)).allowed for _ in range(attempts)])
+
+    return run(attempt())
 
 
 def test_default_tiers_match_the_issue() -> None:
@@ -47,13 +62,13 @@ def test_each_tier_allows_exactly_its_limit(
     limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert allowed_count(limiter, "key-a", tier, limit + 3) == limit
     # Limits are per key: another key of the same tier starts fresh.
-    assert limiter.hit("key-b", tier).allowed
+    assert hit(limiter, "key-b", tier).allowed
 
 
 @pytest.mark.redis
 def test_headers_and_retry_after(tiers: dict[str, str], redis_url: str, redis_prefix: str) -> None:
     limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
-    first = limiter.hit("k", "free")
+    first = hit(limiter, "k", "free")
     assert first.allowed and not first.degraded
     headers = first.headers()
     assert headers["X-RateLimit-Limit"] == "5"
@@ -61,11 +76,23 @@ def test_headers_and_retry_after(tiers: dict[str, str], redis_url: str, redis_pr
     assert 0 < int(headers["X-RateLimit-Reset"]) - time.time() <= 61
     assert "Retry-After" not in headers
     for _ in range(4):
-        limiter.hit("k", "free")
-    denied = limiter.hit("k", "free")
+        hit(limiter, "k", "free")
+    denied = hit(limiter, "k", "free")
     assert not denied.allowed and denied.remaining == 0
     assert denied.retry_after is not None and 1 <= denied.retry_after <= 60
     assert denied.headers()["Retry-After"] == str(denied.retry_after)
+
+
+def window_count(redis_url: str, prefix: str, identity: str, window: str) -> int:
+    """What Redis holds for one of a key's windows (``window`` as in "3/60s")."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        count = client.hget(f"{prefix}:{{{identity}}}:{window}", "c")
+    finally:
+        client.close()
+    return int(count or 0)  # type: ignore[arg-type]
 
 
 @pytest.mark.redis
@@ -74,14 +101,63 @@ def test_multiple_windows_and_refusals_do_not_drain_the_longer_one(
 ) -> None:
     limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert allowed_count(limiter, "k", "tiny", 10) == 3  # 3/minute binds first
-    import redis
+    # The 7 refusals cost the hour nothing.
+    assert window_count(redis_url, redis_prefix, "k", "4/3600s") == 3
 
-    client = redis.Redis.from_url(redis_url)
-    hour_keys = [k for k in client.scan_iter(match=f"{redis_prefix}:*") if b"/1/hour" in k]
-    # the sliding-window counter keeps one integer per window: the 7 refusals cost nothing hourly
-    counts = [int(str(client.get(k), "ascii")) for k in hour_keys]  # type: ignore[arg-type]
-    assert sum(counts) == 3
-    client.close()
+
+@pytest.mark.parametrize("store", ["redis", "memory"])
+def test_a_tiers_windows_are_charged_as_a_pair(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_prefix: str, store: str
+) -> None:
+    """A request the longer window refuses is not charged to the shorter one either."""
+    monkeypatch.setenv("RATE_LIMIT_TIERS", json.dumps({"pair": "4/second;6/minute"}))
+    get_settings.cache_clear()
+    limiter = RateLimiter(storage_uri=redis_url if store == "redis" else "memory://", key_prefix=redis_prefix)
+    assert hit(limiter, "k", "pair", cost=4).allowed
+    time.sleep(2.1)  # the second's window and its predecessor are empty again
+    refused = hit(limiter, "k", "pair", cost=3)  # fits the second, not the minute (4 + 3 > 6)
+    assert not refused.allowed and refused.limit == 6 and refused.retry_after is not None
+    # Charged one window and not the other, this would now be refused by the second (3 + 2 > 4).
+    allowed = hit(limiter, "k", "pair", cost=2)
+    assert allowed.allowed and allowed.remaining == 0 and allowed.limit == 6
+    if store == "redis":
+        assert window_count(redis_url, redis_prefix, "k", "4/1s") == 2
+        assert window_count(redis_url, redis_prefix, "k", "6/60s") == 6
+
+
+@pytest.mark.redis
+def test_charges_made_together_share_round_trips_and_stay_exact(
+    tiers: dict[str, str], redis_url: str, redis_prefix: str
+) -> None:
+    limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
+
+    async def together() -> list[RateLimitDecision]:
+        return await asyncio.gather(*(limiter.hit("k", "basic") for _ in range(50)))
+
+    decisions = run(together())
+    allowed = [d for d in decisions if d.allowed]
+    assert len(allowed) == 20
+    assert sorted(d.remaining for d in allowed) == list(range(20))
+    assert all(d.retry_after is not None and 1 <= d.retry_after <= 60 for d in decisions if not d.allowed)
+    assert limiter.redis_round_trips < len(decisions), limiter.redis_round_trips
+
+
+def test_limit_notation() -> None:
+    assert [str(w) for w in parse_limits("100/hour; 5/minute")] == ["5/60s", "100/3600s"]
+    assert [str(w) for w in parse_limits("10 per 2 hours,1/second")] == ["1/1s", "10/7200s"]
+    for bad in ("lots", "0/minute", "5/fortnight", ""):
+        with pytest.raises(ValueError):
+            parse_limits(bad)
+
+
+def test_retry_after_is_when_a_refused_request_would_pass(tiers: dict[str, str]) -> None:
+    limiter = RateLimiter(storage_uri="memory://")
+    assert allowed_count(limiter, "k", "free", 5) == 5
+    denied = hit(limiter, "k", "free")
+    assert not denied.allowed and denied.retry_after is not None
+    # Nothing was charged in the previous minute, so the slot frees when this one ends.
+    minute_ends = (time.time() // 60 + 1) * 60
+    assert abs(denied.reset_at - minute_ends) < 1.5 and 1 <= denied.retry_after <= 61
 
 
 @pytest.mark.redis
@@ -93,36 +169,44 @@ def test_batch_costs_by_rows(
     limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert limiter.cost_for("predict", 1) == 1
     assert limiter.cost_for("predict_batch", 4) == 8
-    assert limiter.hit("k", "basic", cost=limiter.cost_for("predict_batch", 8)).remaining == 4
-    assert not limiter.hit("k", "basic", cost=5).allowed
-    assert limiter.hit("k", "basic", cost=4).allowed
-    too_big = limiter.hit("k2", "basic", cost=21)
+    assert hit(limiter, "k", "basic", cost=limiter.cost_for("predict_batch", 8)).remaining == 4
+    assert not hit(limiter, "k", "basic", cost=5).allowed
+    assert hit(limiter, "k", "basic", cost=4).allowed
+    too_big = hit(limiter, "k2", "basic", cost=21)
     assert too_big.cost_too_high and too_big.retry_after is None
 
 
 def _hit_many(prefix: str, attempts: int, start_at: float) -> int:
     limiter = RateLimiter(storage_uri=REDIS_URL, key_prefix=prefix)
     time.sleep(max(0.0, start_at - time.time()))
-    return allowed_count(limiter, "shared-key", "basic", attempts)
+    # One at a time, so the two processes' scripts interleave (a gather would send each
+    # process's charges as one pipeline, and one pipeline could take every slot).
+    return allowed_count(limiter, "shared-key", "shared", attempts)
 
 
 @pytest.mark.redis
-def test_two_processes_share_one_limit(tiers: dict[str, str], redis_url: str, redis_prefix: str) -> None:
+def test_two_processes_share_one_limit(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_prefix: str
+) -> None:
+    monkeypatch.setenv("RATE_LIMIT_TIERS", json.dumps({"shared": "20/minute;25/hour"}))
+    get_settings.cache_clear()
     context = multiprocessing.get_context("spawn")
     start_at = time.time() + 3  # both processes importing, then hitting together
     with context.Pool(2) as pool:
-        counts = pool.starmap(_hit_many, [(redis_prefix, 15, start_at)] * 2)
+        counts = pool.starmap(_hit_many, [(redis_prefix, 30, start_at)] * 2)
     assert sum(counts) == 20
     assert all(count > 0 for count in counts)
+    # Each allowed request was charged to both windows, each refused one to neither.
+    assert window_count(redis_url, redis_prefix, "shared-key", "25/3600s") == 20
 
 
 @pytest.mark.redis
 def test_unreachable_redis_fail_open_uses_the_in_process_limiter(tiers: dict[str, str]) -> None:
     limiter = RateLimiter(storage_uri=CLOSED_PORT_URL, policy="fail-open")
-    decisions = [limiter.hit("k", "free") for _ in range(7)]
+    decisions = [hit(limiter, "k", "free") for _ in range(7)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False] * 2
     assert all(d.degraded for d in decisions)
-    health = limiter.health()
+    health = run(limiter.health())
     assert health["status"] == "degraded" and health["fallback_decisions"] == 7
     assert health["last_error"]
 
@@ -131,7 +215,7 @@ def test_unreachable_redis_fail_open_uses_the_in_process_limiter(tiers: dict[str
 def test_unreachable_redis_fail_closed_refuses(tiers: dict[str, str]) -> None:
     limiter = RateLimiter(storage_uri=CLOSED_PORT_URL, policy="fail-closed")
     with pytest.raises(DependencyUnavailableError, match="fail-closed"):
-        limiter.hit("k", "free")
+        hit(limiter, "k", "free")
 
 
 @pytest.mark.redis
@@ -144,17 +228,17 @@ def test_redis_going_down_and_coming_back(tiers: dict[str, str], redis_url: str,
             key_prefix=redis_prefix,
             redis_retry_seconds=0.2,
         )
-        assert not limiter.hit("k", "basic").degraded
+        assert not hit(limiter, "k", "basic").degraded
         proxy.stop()
-        during = limiter.hit("k", "basic")
+        during = hit(limiter, "k", "basic")
         assert during.allowed and during.degraded
-        assert limiter.health()["status"] == "degraded"
+        assert run(limiter.health())["status"] == "degraded"
         proxy.start()
         time.sleep(0.3)
-        after = limiter.hit("k", "basic")
+        after = hit(limiter, "k", "basic")
         assert after.allowed and not after.degraded
         assert after.remaining == 18  # Redis kept its count; the outage hit went in-process
-        assert limiter.health()["status"] == "ok"
+        assert run(limiter.health())["status"] == "ok"
     finally:
         proxy.stop()
 
@@ -163,7 +247,7 @@ def test_without_redis_url_the_limiter_is_in_process(tiers: dict[str, str]) -> N
     limiter = RateLimiter()
     assert limiter.backend == "memory"
     assert allowed_count(limiter, "k", "free", 8) == 5
-    assert limiter.health()["status"] == "ok"
+    assert run(limiter.health())["status"] == "ok"
 
 
 def test_bad_tier_notation_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +265,7 @@ def test_the_store_is_a_storage_uri_setting(
     monkeypatch.setenv("RATE_LIMIT_STORAGE_URI", redis_url)
     get_settings.cache_clear()
     shared = RateLimiter(key_prefix=redis_prefix)
-    assert shared.backend == "redis" and not shared.hit("k", "basic").degraded
+    assert shared.backend == "redis" and not hit(shared, "k", "basic").degraded
     monkeypatch.setenv("RATE_LIMIT_STORAGE_URI", "memory://")
     get_settings.cache_clear()
     local = RateLimiter()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serving.conftest import BuiltHome, Server
+from tests.serving.conftest import BuiltHome, Server, start_server, stop_server
 from tests.serving.load import post_many
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -128,3 +129,57 @@ def test_swagger_document_lists_and_describes_our_routes(server: Server) -> None
     example = predict["requestBody"]["content"]["application/json"]["examples"]["a wet day"]["value"]
     assert example == DAY
     assert {"401", "422", "429"} <= set(predict["responses"])
+
+
+def _access_lines(log: str, path: str) -> list[str]:
+    return [line for line in log.splitlines() if f"path={path}," in line]
+
+
+def test_prediction_routes_are_untraced_and_the_model_service_unlogged_by_default(
+    server: Server, built_home: BuiltHome
+) -> None:
+    """BentoML's per-request tracing and the model service's access log cost CPU on every
+    request; by default the prediction routes skip the first and the model service the second."""
+    with httpx.Client(base_url=server.url, timeout=10, headers=built_home.auth) as client:
+        for _ in range(3):
+            assert client.post("/api/v1/predict", json=DAY).status_code == 200
+    log = server.log.read_text()
+    api_lines = _access_lines(log, "/api/v1/predict")
+    assert api_lines, "the API's access log is on by default"
+    assert not any("trace=" in line for line in api_lines), api_lines[-1]
+    assert not _access_lines(log, "/predict"), "the model service logged its calls"
+
+
+def test_tracing_model_logging_and_in_process_model_are_settings(
+    built_home: BuiltHome, tmp_path: Path
+) -> None:
+    version = max(built_home.bentos)
+    env = {"SERVING_TRACING": "true", "SERVING_MODEL_ACCESS_LOG": "true", "SERVING_MODEL_IN_PROCESS": "false"}
+    traced = start_server(
+        built_home.bentos[version], settings=built_home.settings, log=tmp_path / "a.log", env=env
+    )
+    try:
+        with httpx.Client(base_url=traced.url, timeout=10, headers=built_home.auth) as client:
+            by_runner = [client.post("/api/v1/predict", json=DAY).json() for _ in range(3)]
+        log = traced.log.read_text()
+        assert all("trace=" in line for line in _access_lines(log, "/api/v1/predict"))
+        assert _access_lines(log, "/predict"), "SERVING_MODEL_ACCESS_LOG=true logs the model service's calls"
+    finally:
+        stop_server(traced.process)
+    inprocess = start_server(
+        built_home.bentos[version],
+        settings=built_home.settings,
+        log=tmp_path / "b.log",
+        env={"SERVING_MODEL_IN_PROCESS": "true", "SERVING_MODEL_ACCESS_LOG": "true"},
+    )
+    try:
+        with httpx.Client(base_url=inprocess.url, timeout=10, headers=built_home.auth) as client:
+            in_worker = [client.post("/api/v1/predict", json=DAY).json() for _ in range(3)]
+        log = inprocess.log.read_text()
+    finally:
+        stop_server(inprocess.process)
+    # The model service still starts, and is never called.
+    assert _access_lines(log, "/api/v1/predict") and not _access_lines(log, "/predict")
+    # The same answer either way, from the same pinned version.
+    strip = [{k: v for k, v in body.items() if k != "request_id"} for body in by_runner + in_worker]
+    assert all(body == strip[0] for body in strip), strip
