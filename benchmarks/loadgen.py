@@ -65,6 +65,7 @@ class LoadResult:
     latency_ms: dict[str, float]
     client_cores: float
     loadavg: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0))
+    threads: int = 1  # wrk's
 
     @property
     def error_count(self) -> int:
@@ -153,4 +154,5 @@ def run_wrk(
         latency_ms=latency,
         client_cores=round(client_cpu / wall, 3) if wall else 0.0,
         loadavg=(round(loadavg[0], 2), round(loadavg[1], 2), round(loadavg[2], 2)),
+        threads=threads,
     )

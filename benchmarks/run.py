@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -57,6 +58,9 @@ PACKAGES = (
     "uvicorn", "starlette", "h11", "httptools", "uvloop", "redis", "hiredis", "SQLAlchemy",
     "psycopg2-binary", "skops",
 )  # fmt: skip
+API_SERVICE = "flood_risk"
+# Profiled with py-spy: where the full stack's CPU goes, with and without the runner hop.
+PROFILED_PEERS = ("bento", "bento-inprocess")
 # A tier no benchmark reaches, so every request takes the limiter's full "allowed" path.
 BENCH_TIER = "bench"
 BENCH_TIER_LIMIT = "1000000000/minute"
@@ -80,6 +84,7 @@ class BenchConfig:
     mlflow_workers: int = 2
     ceiling_workers: int = 2
     inprocess_budget_s: float = 1.0
+    profile_s: float = 8.0  # py-spy on an API worker per Bento peer and route; 0: off
     postgres_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
     redis_url: str = "redis://127.0.0.1:6379/14"
     out_dir: Path | None = None
@@ -95,6 +100,7 @@ SMOKE = BenchConfig(
     models=("real",),
     real_trees=10,
     inprocess_budget_s=0.05,
+    profile_s=1.0,
 )
 
 
@@ -220,7 +226,13 @@ def create_bench_key(settings: Settings) -> str:
 
 
 def measure_peer(
-    running: RunningPeer, model: str, *, config: BenchConfig, workdir: Path, api_key: str | None
+    running: RunningPeer,
+    model: str,
+    *,
+    config: BenchConfig,
+    workdir: Path,
+    api_key: str | None,
+    logs: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     spec = running.spec
     script = loadgen.write_script(workdir)
@@ -245,20 +257,88 @@ def measure_peer(
         warm = load(concurrency=max(config.concurrencies), duration_s=config.warmup_s)
         answered_rows += (warm.requests - warm.errors["status"]) * rows
         for concurrency in config.concurrencies:
-            cpu_before, wall_before = running.cpu_seconds(), time.perf_counter()
+            cpu_before, wall_before = running.cpu_by_role(), time.perf_counter()
             result = load(concurrency=concurrency, duration_s=config.duration_s)
-            server_cores = (running.cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
+            wall = time.perf_counter() - wall_before
+            cpu = cpu_spent(cpu_before, running.cpu_by_role())
+            server_cores = sum(seconds for _, seconds in cpu.values()) / wall
             answered_rows += (result.requests - result.errors["status"]) * rows
             record = {"model": model, "peer": spec.name, "route": route, **result.as_dict()}
             record["server_cores"] = round(server_cores, 2)
+            record["cpu_us_per_request"] = {
+                role: round(seconds / max(result.requests, 1) * 1e6, 1) for role, (_, seconds) in cpu.items()
+            }
+            record["processes"] = {role: n for role, (n, _) in cpu.items()}
+            record.update(wrk_check(result, wall_s=wall))
             runs.append(record)
             logger.info(
                 "%s %s %s c%d: %.0f req/s, p99 %.1f ms, errors %d, server %.2f cores, wrk %.2f cores",
                 model, spec.name, route, concurrency, result.throughput, result.latency_ms["p99"],
                 result.error_count, server_cores, result.client_cores,
             )  # fmt: skip
+        if config.profile_s and spec.name in PROFILED_PEERS and runs:
+            profiled = profile_api_worker(
+                running, load, concurrency=max(config.concurrencies), duration_s=config.profile_s,
+                out=logs / f"profile-{model}-{spec.name}-{route}.txt", measured=runs[-1],
+            )  # fmt: skip
+            answered_rows += profiled.pop("answered_requests") * rows
+            runs[-1]["profile"] = profiled
     facts["answered_rows"] = answered_rows
     return runs, facts
+
+
+def cpu_spent(
+    before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]
+) -> dict[str, tuple[int, float]]:
+    """Per role: processes, and CPU seconds spent between the two readings."""
+    return {
+        role: (n, max(seconds - before.get(role, (0, 0.0))[1], 0.0)) for role, (n, seconds) in after.items()
+    }
+
+
+def wrk_check(result: loadgen.LoadResult, *, wall_s: float) -> dict[str, float]:
+    """wrk's own cost: µs of its CPU per request and how many times the measured rate its
+    threads could send at that cost (below ~1.5 wrk, not the server, sets the pace)."""
+    per_request_s = result.client_cores * wall_s / max(result.requests, 1)
+    capacity = result.threads / per_request_s if per_request_s else float("inf")
+    throughput = result.requests / result.duration_s if result.duration_s else 0.0
+    return {
+        "wrk_us_per_request": round(per_request_s * 1e6, 1),
+        "wrk_headroom": round(capacity / throughput, 1) if throughput else 0.0,
+    }
+
+
+def profile_api_worker(
+    running: RunningPeer,
+    load: Any,
+    *,
+    concurrency: int,
+    duration_s: float,
+    out: Path,
+    measured: dict[str, Any],
+) -> dict[str, Any]:
+    """py-spy on one API worker under the same load; the measured run's CPU split by part."""
+    from benchmarks import profile
+
+    pids = running.pids_of(API_SERVICE)
+    if not pids:
+        raise PeerError(f"no {API_SERVICE} worker to profile")
+    outcome: dict[str, loadgen.LoadResult] = {}
+    loader = threading.Thread(
+        target=lambda: outcome.setdefault("load", load(concurrency=concurrency, duration_s=duration_s + 2))
+    )
+    loader.start()
+    time.sleep(1)
+    profile.record(pids[0], duration_s=duration_s, out=out)
+    loader.join()
+    api_us = measured["cpu_us_per_request"].get(API_SERVICE, 0.0)
+    workers = measured["processes"].get(API_SERVICE, 1)
+    # The API workers share the load evenly: each request costs api_us across them, all in one.
+    result = profile.breakdown(out, cpu_us_per_request=api_us, rows_per_request=measured["rows_per_request"])
+    done = outcome.get("load")
+    result["api_workers"] = workers
+    result["answered_requests"] = 0 if done is None else done.requests - done.errors["status"]
+    return result
 
 
 def run_benchmark(config: BenchConfig) -> Path:
@@ -340,7 +420,7 @@ def run_benchmark(config: BenchConfig) -> Path:
                         )
                         runs, facts = measure_peer(
                             running, kind, config=config, workdir=workdir,
-                            api_key=api_key if spec.uses_key else None,
+                            api_key=api_key if spec.uses_key else None, logs=logs,
                         )  # fmt: skip
                         facts["worker_processes"] = len(running.worker_pids())
                     except (PeerError, loadgen.LoadError) as exc:
@@ -403,6 +483,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--redis-url")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep-home", action="store_true", help="keep the registry and Bentos")
+    parser.add_argument("--profile", type=float, help="seconds of py-spy per profiled peer and route; 0: off")
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke else BenchConfig()
     overrides: dict[str, Any] = {
@@ -419,6 +500,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "redis_url": args.redis_url,
         "out_dir": args.out,
         "keep_home": args.keep_home or None,
+        "profile_s": args.profile,
     }
     for name, text in (("concurrencies", args.concurrency), ("models", args.models),
                        ("peers", args.peers), ("routes", args.routes)):  # fmt: skip

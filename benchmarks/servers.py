@@ -5,6 +5,7 @@ Each peer runs in its own session (process group) so stopping it reaches every w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -72,11 +73,51 @@ class RunningPeer:
             pass
         return total
 
+    def cpu_by_role(self) -> dict[str, tuple[int, float]]:
+        """Per role (a Bento's service name, else "main" and "workers"): processes, CPU seconds."""
+        out: dict[str, tuple[int, float]] = {}
+        try:
+            root = psutil.Process(self.process.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return out
+        for proc in processes:
+            try:
+                times = proc.cpu_times()
+                role = service_name_of(proc.cmdline()) or ("main" if proc.pid == root.pid else "workers")
+            except psutil.NoSuchProcess:
+                continue
+            count, seconds = out.get(role, (0, 0.0))
+            out[role] = (count + 1, seconds + times.user + times.system)
+        return out
+
+    def pids_of(self, role: str) -> list[int]:
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        pids = []
+        for proc in children:
+            try:
+                if service_name_of(proc.cmdline()) == role:
+                    pids.append(proc.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return pids
+
     def worker_pids(self) -> list[int]:
         try:
             return [p.pid for p in psutil.Process(self.process.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
+
+
+def service_name_of(argv: list[str]) -> str | None:
+    """The BentoML service a worker process serves (its ``--service-name``), if any."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--service-name":
+            return value
+    return None
 
 
 def free_port() -> int:

@@ -50,6 +50,7 @@ from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
 from serving.shutdown import GRACEFUL_SHUTDOWN_S, exit_with_arbiter, outlive_callers
 from serving.startup import check_service_start
+from serving.workerstates import PUBLISH_S, publish_state, state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,17 @@ class FloodRiskAPI:
 
         # A task, not an await: the worker starts serving (503 until the model is up) as before.
         self._ready_task = asyncio.get_running_loop().create_task(wait_for_model())
+        if (directory := state_dir()) is not None:
+            self._publish_task = asyncio.get_running_loop().create_task(self._publish_states(directory))
+
+    async def _publish_states(self, directory: Path) -> None:
+        """This worker's operations state for the other workers' ``/health/detailed``."""
+        while True:
+            try:
+                publish_state(directory, await self._operations.health())
+            except OSError as exc:
+                logger.warning("cannot publish this worker's state to %s: %s", directory, exc)
+            await asyncio.sleep(PUBLISH_S)
 
     @bentoml.on_shutdown
     def close_operations(self) -> None:

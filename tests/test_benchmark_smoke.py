@@ -55,6 +55,20 @@ def test_smoke_run_reports_every_peer(tmp_path: Path) -> None:
         assert {"p50", "p99"} <= set(run["latency_ms"])
         assert len(run["loadavg"]) == 3
 
+        assert run["wrk_headroom"] > 0 and run["cpu_us_per_request"], run
+        if run["peer"].startswith("bento"):
+            assert {"flood_risk", "flood_risk_model"} <= set(run["cpu_us_per_request"]), run
+    # The CPU breakdown from py-spy, on the last run of each route, with and without the runner.
+    profiled = {(r["peer"], r["route"]) for r in result["runs"] if r.get("profile")}
+    assert profiled == {(p, route) for p in ("bento", "bento-inprocess") for route in ("single", "batch")}
+    for run in result["runs"]:
+        if run.get("profile"):
+            assert run["profile"]["samples"] > 0 and run["profile"]["us_per_request"], run["profile"]
+    # Only the in-process peer runs the model in its API workers.
+    parts = {r["peer"]: set(r["profile"]["us_per_request"]) for r in result["runs"] if r.get("profile")}
+    assert "model, in process" not in parts["bento"] and "rate limiter" in parts["bento"], parts
+    assert (out / "logs" / "profile-real-bento-single.txt").stat().st_size > 0
+
     bento = result["peers"]["bento"]["checks"]["real"]
     assert bento["auth_enforced"], "the Bento answered without an API key: the full stack is not on"
     assert bento["prediction_log_rows"] > 0
@@ -65,6 +79,7 @@ def test_smoke_run_reports_every_peer(tmp_path: Path) -> None:
         "single_vs_mlflow",
         "single_p99_ms",
         "batch_rows_per_s_best",
+        "log_us_per_row",
     }
     model = result["models"]["real"]
     assert model["facts"]["features"] > 0 and model["facts"]["family"]

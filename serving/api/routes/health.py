@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from serving.api.deps import OptionalBackend
 from serving.health import check_service, is_ready, overall_status
+from serving.workerstates import aggregate_states, read_states, state_dir
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -30,20 +31,24 @@ async def health() -> JSONResponse:
 
 @router.get("/detailed", summary="every dependency and the worker's operations")
 async def health_detailed(backend: OptionalBackend) -> JSONResponse:
-    """The model, the database and Redis, each with its latency, and the rate limiter's and
-    prediction log's state in this worker. ``degraded`` when any is unhealthy."""
+    """The model, the database and Redis, each with its latency; the rate limiter's and
+    prediction log's state in this worker (``operations``) and across every API worker
+    (``api_workers``: totals, and which workers are degraded or stale). ``degraded`` when any
+    is unhealthy."""
     operations = backend.operations if backend is not None else None
     results, reports = await asyncio.gather(
         check_service(backend.predict_proba if backend is not None else None),
         operations.health() if operations is not None else _no_operations(),
     )
     degraded = any(report.get("status") != "ok" for report in reports.values())
-    body: dict[str, Any] = {
-        "status": "degraded" if degraded else overall_status(results),
-        "checks": {r.name: r.as_dict() for r in results},
-    }
+    body: dict[str, Any] = {"status": "healthy", "checks": {r.name: r.as_dict() for r in results}}
     if reports:
         body["operations"] = reports
+        directory = state_dir()
+        others = await asyncio.to_thread(read_states, directory) if directory is not None else []
+        body["api_workers"] = aggregate_states(reports, others)
+        degraded = degraded or body["api_workers"]["status"] != "ok"
+    body["status"] = "degraded" if degraded else overall_status(results)
     return JSONResponse(body)
 
 
