@@ -27,7 +27,7 @@ from core.settings import Settings
 from ops.database import dispose_engines, get_session_factory
 from ops.keys import ApiKeyStore
 from ops.migrations import upgrade_database
-from ops.predictionlog import PredictionLog, PredictionRecord
+from ops.predictionlog import PredictionGroup, PredictionLog
 from ops.ratelimit import RateLimiter
 
 
@@ -81,20 +81,21 @@ def main() -> None:
     identity = store.verify_key(raw_key).key_id
 
     def enqueue() -> None:
-        log.record_many(
-            [
-                PredictionRecord(
-                    request_id=uuid.uuid4().hex,
-                    created_at=datetime.now(UTC),
-                    key_id=identity,
-                    inputs={"temperature": 28.0, "humidity": 80.0, "rainfall": 12.5},
-                    probability=0.42,
-                    risk_level="Alert",
-                    model_version="1",
-                    bento_tag="flood-risk:bench",
-                    latency_ms=3.0,
-                )
-            ]
+        row_id = uuid.uuid4().hex
+        log.record(
+            PredictionGroup(
+                request_id=row_id,
+                created_at=datetime.now(UTC),
+                key_id=identity,
+                model_version="1",
+                bento_tag="flood-risk:bench",
+                latency_ms=3.0,
+                client_request_id=None,
+                row_ids=(row_id,),
+                inputs_json=('{"temperature":28.0,"humidity":80.0,"rainfall":12.5}',),
+                probabilities=(0.42,),
+                risk_levels=("Alert",),
+            )
         )
 
     loop = asyncio.new_event_loop()

@@ -113,6 +113,136 @@ class PredictionRecord:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class PredictionGroup:
+    """One request's predictions: what its rows share, then one entry per row in each tuple.
+
+    The request path builds one of these per request, not one object per row, and each
+    row's inputs arrive as JSON text (pydantic writes it), used as-is in the journal line and
+    in the COPY data: the log's Python cost per row is a few tuple entries and a CSV row.
+    """
+
+    request_id: str  # the server's id for the request (row ids derive from it)
+    created_at: datetime
+    key_id: str | None
+    model_version: str
+    bento_tag: str | None
+    latency_ms: float
+    client_request_id: str | None
+    row_ids: tuple[str, ...]  # the log's unique keys
+    inputs_json: tuple[str, ...]  # one JSON object per row
+    probabilities: tuple[float, ...]
+    risk_levels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    @classmethod
+    def from_records(cls, records: Sequence[PredictionRecord]) -> PredictionGroup:
+        """Rows that share a request (or a one-row group per row read from an old journal)."""
+        first = records[0]
+        return cls(
+            request_id=first.request_id,
+            created_at=first.created_at,
+            key_id=first.key_id,
+            model_version=first.model_version,
+            bento_tag=first.bento_tag,
+            latency_ms=first.latency_ms,
+            client_request_id=first.client_request_id,
+            row_ids=tuple(r.request_id for r in records),
+            inputs_json=tuple(json.dumps(r.inputs) for r in records),
+            probabilities=tuple(r.probability for r in records),
+            risk_levels=tuple(r.risk_level for r in records),
+        )
+
+    def records(self) -> list[PredictionRecord]:
+        """One record per row (SQLite inserts, rows inserted one by one, the rejects file)."""
+        return [
+            PredictionRecord(
+                request_id=row_id,
+                created_at=self.created_at,
+                key_id=self.key_id,
+                inputs=json.loads(inputs),
+                probability=probability,
+                risk_level=risk_level,
+                model_version=self.model_version,
+                bento_tag=self.bento_tag,
+                latency_ms=self.latency_ms,
+                client_request_id=self.client_request_id,
+            )
+            for row_id, inputs, probability, risk_level in zip(
+                self.row_ids, self.inputs_json, self.probabilities, self.risk_levels, strict=True
+            )
+        ]
+
+    def to_json(self) -> str:
+        """One journal line; the rows' inputs are spliced in as the JSON they already are."""
+        shared = json.dumps(
+            {
+                "group": self.request_id,
+                "created_at": self.created_at.isoformat(),
+                "key_id": self.key_id,
+                "model_version": self.model_version,
+                "bento_tag": self.bento_tag,
+                "latency_ms": self.latency_ms,
+                "client_request_id": self.client_request_id,
+                "row_ids": self.row_ids,
+                "probabilities": self.probabilities,
+                "risk_levels": self.risk_levels,
+            },
+            separators=(",", ":"),
+        )
+        return f'{shared[:-1]},"inputs":[{",".join(self.inputs_json)}]}}'
+
+    @classmethod
+    def from_json(cls, line: str) -> PredictionGroup:
+        """A journal line: a group, or one row as journals before groups wrote them. Raises
+        ``ValueError`` (``json.JSONDecodeError`` included), ``KeyError`` or ``TypeError``
+        for a line that is neither."""
+        data = json.loads(line)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        if "group" not in data:
+            return cls.from_records([PredictionRecord.from_json(line)])
+        inputs = data["inputs"]
+        group = cls(
+            request_id=str(data["group"]),
+            created_at=datetime.fromisoformat(data["created_at"]),
+            key_id=data["key_id"],
+            model_version=str(data["model_version"]),
+            bento_tag=data["bento_tag"],
+            latency_ms=float(data["latency_ms"]),
+            client_request_id=data["client_request_id"],
+            row_ids=tuple(data["row_ids"]),
+            inputs_json=tuple(json.dumps(row) for row in inputs),
+            probabilities=tuple(float(p) for p in data["probabilities"]),
+            risk_levels=tuple(data["risk_levels"]),
+        )
+        if not len({len(group.row_ids), len(inputs), len(group.probabilities), len(group.risk_levels)}) == 1:
+            raise ValueError("a group whose rows do not line up")
+        return group
+
+
+def _rows(groups: Sequence[PredictionGroup]) -> int:
+    return sum(len(group) for group in groups)
+
+
+def _chunks(groups: Sequence[PredictionGroup], rows: int) -> list[list[PredictionGroup]]:
+    """Consecutive groups, about ``rows`` rows per chunk (a larger group is a chunk of its own)."""
+    chunks: list[list[PredictionGroup]] = []
+    current: list[PredictionGroup] = []
+    size = 0
+    for group in groups:
+        if current and size + len(group) > rows:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(group)
+        size += len(group)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 _COLUMNS = tuple(f.name for f in fields(PredictionRecord))
 _TABLE = PredictionLogRow.__tablename__
 _COLUMN_LIST = ", ".join(_COLUMNS)
@@ -151,29 +281,36 @@ def is_transient(exc: SQLAlchemyError) -> bool:
     return isinstance(exc, OperationalError | InterfaceError | ProgrammingError)
 
 
-def _csv_rows(batch: Sequence[PredictionRecord]) -> io.StringIO:
+def _csv_rows(batch: Sequence[PredictionGroup]) -> io.StringIO:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerows(
-        (
-            record.request_id,
-            record.created_at.isoformat(),
-            _NULL if record.key_id is None else record.key_id,
-            json.dumps(record.inputs),
-            record.probability,
-            record.risk_level,
-            record.model_version,
-            _NULL if record.bento_tag is None else record.bento_tag,
-            record.latency_ms,
-            _NULL if record.client_request_id is None else record.client_request_id,
+    for group in batch:
+        created_at = group.created_at.isoformat()
+        key_id = _NULL if group.key_id is None else group.key_id
+        bento_tag = _NULL if group.bento_tag is None else group.bento_tag
+        client_id = _NULL if group.client_request_id is None else group.client_request_id
+        writer.writerows(
+            (
+                row_id,
+                created_at,
+                key_id,
+                inputs,
+                probability,
+                risk_level,
+                group.model_version,
+                bento_tag,
+                group.latency_ms,
+                client_id,
+            )
+            for row_id, inputs, probability, risk_level in zip(
+                group.row_ids, group.inputs_json, group.probabilities, group.risk_levels, strict=True
+            )
         )
-        for record in batch
-    )
     buffer.seek(0)
     return buffer
 
 
-def _copy_rows(connection: Connection, batch: Sequence[PredictionRecord], *, may_exist: bool) -> None:
+def _copy_rows(connection: Connection, batch: Sequence[PredictionGroup], *, may_exist: bool) -> None:
     """COPY ``batch`` inside ``connection``'s transaction: straight into the table, or through
     the staging table when some rows may already be there (``may_exist``).
 
@@ -203,7 +340,7 @@ class _Segment:
 
     path: Path
     rows: int
-    records: list[PredictionRecord] | None
+    records: list[PredictionGroup] | None
     # Opened at while it is being written, closed at once it waits for the shipper.
     since: float = field(default_factory=time.monotonic)
     may_exist: bool = False  # read back from disk: some rows may have landed before a crash
@@ -223,7 +360,7 @@ _STOP = object()
 
 @dataclass
 class _Submission:
-    records: Sequence[PredictionRecord]
+    group: PredictionGroup | None  # None: only wakes the journal thread (rows were held)
     future: asyncio.Future[None] | None = None
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -299,7 +436,8 @@ class PredictionLog:
         self._threads: dict[str, threading.Thread] = {}
         self._failing: dict[str, str] = {}  # thread name -> last exception, while restarting
         self._next_retry = 0.0  # monotonic; 0 means the database is believed up
-        self._held: list[PredictionRecord] = []  # async mode: neither journal nor database took them
+        self._held: list[PredictionGroup] = []  # async mode: neither journal nor database took them
+        self._held_rows = 0
 
         self.rows_inserted = 0
         self.rows_journaled = 0  # rows that waited in the journal because the database did not take them
@@ -314,35 +452,36 @@ class PredictionLog:
 
     # -- request path -----------------------------------------------------------------
 
-    def record_many(self, records: Sequence[PredictionRecord]) -> None:
-        """Hand over one request's records without waiting for them to be durable."""
-        if not self._admit(len(records)):
-            self._hold(list(records))
-            records = ()  # still wakes the journal thread, which takes the held rows
-        self._incoming.put(_Submission(records))
+    def record(self, group: PredictionGroup) -> None:
+        """Hand over one request's rows without waiting for them to be durable."""
+        if not self._admit(len(group)):
+            self._hold([group])
+            self._incoming.put(_Submission(None))  # wakes the journal thread, which takes the held rows
+            return
+        self._incoming.put(_Submission(group))
 
-    async def commit(self, records: Sequence[PredictionRecord]) -> None:
-        """Hand over one request's records; in durable mode, return once they are fsynced to
+    async def commit(self, group: PredictionGroup) -> None:
+        """Hand over one request's rows; in durable mode, return once they are fsynced to
         the journal or committed in the database, else raise
         :class:`PredictionLogUnavailableError` (within PREDICTION_LOG_COMMIT_TIMEOUT_MS)."""
-        if not records:
+        if not len(group):
             return
         if self.durability == "async" or self._thread_missing("prediction-journal"):
             if self.durability == "durable":
-                self._refuse(records, "the journal writer is not running")
-            self.record_many(records)
+                self._refuse(group, "the journal writer is not running")
+            self.record(group)
             return
-        if not self._admit(len(records)):
-            self._refuse(records, f"{self._incoming_rows} rows already wait for the journal")
+        if not self._admit(len(group)):
+            self._refuse(group, f"{self._incoming_rows} rows already wait for the journal")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._incoming.put(_Submission(records, future, loop))
+        self._incoming.put(_Submission(group, future, loop))
         try:
             await asyncio.wait_for(future, self._commit_timeout_s)
         except TimeoutError:
-            self._refuse(records, f"not durable within {self._commit_timeout_s:g} s")
+            self._refuse(group, f"not durable within {self._commit_timeout_s:g} s")
         except PredictionLogUnavailableError:
-            self.rows_refused += len(records)
+            self.rows_refused += len(group)
             raise
 
     def _admit(self, rows: int) -> bool:
@@ -352,8 +491,8 @@ class PredictionLog:
             self._incoming_rows += rows
             return True
 
-    def _refuse(self, records: Sequence[PredictionRecord], reason: str) -> None:
-        self.rows_refused += len(records)
+    def _refuse(self, group: PredictionGroup, reason: str) -> None:
+        self.rows_refused += len(group)
         raise PredictionLogUnavailableError(f"prediction log unavailable: {reason}")
 
     # -- lifecycle --------------------------------------------------------------------
@@ -392,7 +531,7 @@ class PredictionLog:
         if self._held:
             logger.error(
                 "prediction log stopped with %d rows neither the database nor the journal took: lost",
-                len(self._held),
+                self._held_rows,
             )
         self._release_writer_lock()
         if self._owns_engine:
@@ -414,7 +553,7 @@ class PredictionLog:
             *(["database not taking rows"] if self._next_retry else []),
             *([f"oldest unshipped rows {oldest:.0f} s old"] if stalled else []),
             *([self.journal_error] if self.journal_error else []),
-            *([f"{len(self._held)} rows only in memory"] if self._held else []),
+            *([f"{self._held_rows} rows only in memory"] if self._held else []),
             *([f"quarantined journal lines in {', '.join(quarantine)}"] if quarantine else []),
             *([f"rows the database rejected in {', '.join(rejected)}"] if rejected else []),
         ]
@@ -432,7 +571,7 @@ class PredictionLog:
             "rows_rejected": self.rows_rejected,
             "lines_quarantined": self.lines_quarantined,
             "rows_refused": self.rows_refused,
-            "rows_held": len(self._held),
+            "rows_held": self._held_rows,
             "rows_dropped": self.rows_dropped,
             "writer_restarts": self.writer_restarts,
             "last_error": self.last_error if self._next_retry else None,
@@ -503,11 +642,11 @@ class PredictionLog:
                 return items
 
     def _make_durable(self, submissions: list[_Submission]) -> None:
-        records = [record for submission in submissions for record in submission.records]
+        records = [submission.group for submission in submissions if submission.group is not None]
         with self._incoming_lock:
-            self._incoming_rows -= len(records)
+            self._incoming_rows -= _rows(records)
         records = [*self._take_held(), *records]
-        if not records:
+        if not _rows(records):
             self._settle_all(submissions, None)  # e.g. an empty batch: nothing to keep
             return
         error: Exception | None = None
@@ -535,7 +674,7 @@ class PredictionLog:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, futures, error)
 
-    def _append_segment(self, records: list[PredictionRecord]) -> None:
+    def _append_segment(self, records: list[PredictionGroup]) -> None:
         if self._segment_file is None:
             self._open_segment()
         assert self._segment_file is not None and self._segment is not None
@@ -550,7 +689,7 @@ class PredictionLog:
             self._close_segment()
             raise
         self.fsyncs += 1
-        self._segment.rows += len(records)
+        self._segment.rows += _rows(records)
         assert self._segment.records is not None
         self._segment.records.extend(records)
 
@@ -589,7 +728,7 @@ class PredictionLog:
         segment.since = time.monotonic()
         self._to_shipper(segment)
 
-    def _commit_directly(self, records: list[PredictionRecord]) -> Exception | None:
+    def _commit_directly(self, records: list[PredictionGroup]) -> Exception | None:
         """With the journal unwritable, the database is the only durable place left."""
         try:
             self._insert(records, may_exist=False)
@@ -692,13 +831,13 @@ class PredictionLog:
         """Insert one segment and delete its file; False (and marked down) on a transient error."""
         records = segment.records if segment.records is not None else self._read_segment(segment.path)
         try:
-            for start in range(0, len(records), self._batch_rows):
-                self._insert(records[start : start + self._batch_rows], may_exist=segment.may_exist)
+            for chunk in _chunks(records, self._batch_rows):
+                self._insert(chunk, may_exist=segment.may_exist)
         except SQLAlchemyError as exc:
             self._mark_down(exc)
             if not segment.counted_as_waiting:
                 segment.counted_as_waiting = True
-                self.rows_journaled += len(records)
+                self.rows_journaled += _rows(records)
             # A retry may find some chunks already committed.
             segment.may_exist = True
             return False
@@ -706,9 +845,9 @@ class PredictionLog:
             segment.path.unlink()
         return True
 
-    def _read_segment(self, path: Path) -> list[PredictionRecord]:
-        """The records of a journal file; lines that do not parse go to quarantine."""
-        records: list[PredictionRecord] = []
+    def _read_segment(self, path: Path) -> list[PredictionGroup]:
+        """The groups of a journal file; lines that do not parse go to quarantine."""
+        records: list[PredictionGroup] = []
         bad: list[str] = []
         try:
             raw = path.read_bytes()
@@ -718,7 +857,7 @@ class PredictionLog:
             if not line.strip():
                 continue
             try:
-                records.append(PredictionRecord.from_json(line))
+                records.append(PredictionGroup.from_json(line))
             except (ValueError, KeyError, TypeError) as exc:
                 bad.append(line)
                 logger.error(
@@ -733,7 +872,7 @@ class PredictionLog:
         self._append_lines(target, [json.dumps({"source": source.name, "line": line}) for line in lines])
         self.lines_quarantined += len(lines)
 
-    def _insert(self, batch: Sequence[PredictionRecord], *, may_exist: bool) -> None:
+    def _insert(self, batch: Sequence[PredictionGroup], *, may_exist: bool) -> None:
         rejected_before = self.rows_rejected
         try:
             self._insert_batch(batch, may_exist=may_exist)
@@ -748,16 +887,17 @@ class PredictionLog:
             if is_transient(exc):
                 raise
             self._insert_one_by_one(batch)
-        self.rows_inserted += len(batch) - (self.rows_rejected - rejected_before)
+        self.rows_inserted += _rows(batch) - (self.rows_rejected - rejected_before)
 
-    def _insert_batch(self, batch: Sequence[PredictionRecord], *, may_exist: bool) -> None:
+    def _insert_batch(self, batch: Sequence[PredictionGroup], *, may_exist: bool) -> None:
         with self._engine.connect() as connection:
             try:
                 with connection.begin():
                     if self._engine.dialect.name == "postgresql":
                         _copy_rows(connection, batch, may_exist=may_exist)
                     else:
-                        connection.execute(self._statement, [dict(record.__dict__) for record in batch])
+                        rows = [dict(record.__dict__) for group in batch for record in group.records()]
+                        connection.execute(self._statement, rows)
             except SQLAlchemyError as exc:
                 if is_transient(exc):
                     # A session that went read-only (a demoted primary) or timed out must
@@ -765,10 +905,10 @@ class PredictionLog:
                     connection.invalidate()
                 raise
 
-    def _insert_one_by_one(self, batch: Sequence[PredictionRecord]) -> None:
+    def _insert_one_by_one(self, batch: Sequence[PredictionGroup]) -> None:
         # One malformed row must not wedge the journal forever: it goes to a rejects file
         # for a person to look at (and `flood db replay-rejected`), and the rest lands.
-        for record in batch:
+        for record in (record for group in batch for record in group.records()):
             try:
                 with self._engine.begin() as connection:
                     connection.execute(self._statement, [dict(record.__dict__)])
@@ -829,9 +969,10 @@ class PredictionLog:
                     continue
                 logger.info("adopted prediction journal %s of a writer that is gone", path.name)
                 records = self._read_segment(target)
+                rows = _rows(records)
                 # Large adopted files are read again when shipped rather than held here.
-                kept = records if len(records) <= _MEMORY_ROWS // 10 else None
-                adopted.append(_Segment(path=target, rows=len(records), records=kept, may_exist=True))
+                kept = records if rows <= _MEMORY_ROWS // 10 else None
+                adopted.append(_Segment(path=target, rows=rows, records=kept, may_exist=True))
             with contextlib.suppress(FileNotFoundError):
                 (self._journal_dir / f"writer-{self._host}-{owner}.lock").unlink()
         if not adopted:
@@ -882,23 +1023,26 @@ class PredictionLog:
                 "durable mode" if self.durability == "durable" else "async mode: held in memory",
             )
 
-    def _hold(self, records: list[PredictionRecord]) -> None:
+    def _hold(self, records: list[PredictionGroup]) -> None:
         """Async mode only: rows nothing durable took, kept in memory up to a bound and
         offered to the journal again with the next group."""
+        dropped = 0
         with self._held_lock:
             self._held.extend(records)
-            overflow = len(self._held) - _QUEUE_MAX
-            if overflow > 0:
-                del self._held[:overflow]
-                self.rows_dropped += overflow
-        if overflow > 0:
-            logger.error("prediction log dropped %d rows: database and journal both unavailable", overflow)
+            self._held_rows += _rows(records)
+            while self._held_rows > _QUEUE_MAX and len(self._held) > 1:
+                oldest = self._held.pop(0)
+                self._held_rows -= len(oldest)
+                dropped += len(oldest)
+            self.rows_dropped += dropped
+        if dropped:
+            logger.error("prediction log dropped %d rows: database and journal both unavailable", dropped)
 
-    def _take_held(self) -> list[PredictionRecord]:
+    def _take_held(self) -> list[PredictionGroup]:
         if not self._held:
             return []
         with self._held_lock:
-            held, self._held = self._held, []
+            held, self._held, self._held_rows = self._held, [], 0
         return held
 
     @staticmethod
@@ -928,14 +1072,12 @@ def replay_rejected(*, settings: Settings | None = None, engine: Engine | None =
     before = log.rows_rejected
     try:
         for path in files:
-            records = log._read_segment(path)
-            for start in range(0, len(records), log._batch_rows):
-                chunk = records[start : start + log._batch_rows]
+            for chunk in _chunks(log._read_segment(path), log._batch_rows):
                 rejected_before = log.rows_rejected
                 # Raises on a transient error and the file stays; a file half replayed is
                 # replayed again whole, idempotently.
                 log._insert(chunk, may_exist=True)
-                replayed += len(chunk) - (log.rows_rejected - rejected_before)
+                replayed += _rows(chunk) - (log.rows_rejected - rejected_before)
             path.unlink()
     except SQLAlchemyError as exc:
         raise DependencyUnavailableError(f"the database did not take the rejected rows: {exc}") from exc

@@ -176,10 +176,12 @@ def _decide(windows: Sequence[Window], answer: Sequence[int], cost: int) -> Rate
         window = windows[refused - 1]
         current, previous = states[refused - 1]
         wait_ms = _wait_ms(window, now_ms, current=current, previous=previous, cost=cost)
+        # What is left for a smaller request: a refusal charges nothing.
+        left = window.amount - _weighted(window, now_ms, current=current, previous=previous)
         return RateLimitDecision(
             allowed=False,
             limit=window.amount,
-            remaining=0,
+            remaining=max(left, 0),
             reset_at=(now_ms + wait_ms) / 1000,
             retry_after=max(1, math.ceil(wait_ms / 1000)),
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio.to_thread
@@ -23,7 +23,7 @@ from prometheus_client import Counter
 from core.errors import AuthenticationError, DependencyUnavailableError, RateLimitedError, TooLargeError
 from core.settings import Settings, get_settings
 from ops.keys import ApiKeyInfo, ApiKeyStore, extract_api_key
-from ops.predictionlog import PredictionLog, PredictionRecord
+from ops.predictionlog import PredictionGroup, PredictionLog
 from ops.ratelimit import RateLimitDecision, RateLimiter
 from serving.metrics import get_metrics
 
@@ -148,11 +148,11 @@ class EdgeOperations:
             headers=headers,
         )
 
-    async def record(self, records: Sequence[PredictionRecord]) -> None:
+    async def record(self, group: PredictionGroup) -> None:
         """Log one request's rows; in durable mode, once this returns they are fsynced or
         committed (``PredictionLogUnavailableError`` when nothing can take them)."""
         try:
-            await self.log.commit(records)
+            await self.log.commit(group)
         finally:
             self._sync_counters()
 

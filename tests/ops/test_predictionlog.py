@@ -4,6 +4,7 @@ and hung databases, corrupt journals, adoption of dead writers' journals, exactl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -22,6 +23,7 @@ from core.settings import Settings
 from ops.database import create_database_engine, get_engine
 from ops.migrations import upgrade_database
 from ops.predictionlog import (
+    PredictionGroup,
     PredictionLog,
     PredictionLogUnavailableError,
     PredictionRecord,
@@ -50,6 +52,17 @@ def make_record(request_id: str | None = None) -> PredictionRecord:
     )
 
 
+def group_of(*records: PredictionRecord) -> PredictionGroup:
+    """One request's rows (they share all but their ids, as make_record's do)."""
+    return PredictionGroup.from_records(records)
+
+
+def record_each(log: PredictionLog, records: list[PredictionRecord]) -> None:
+    """Each record as a request of its own."""
+    for record in records:
+        log.record(group_of(record))
+
+
 def logged_ids(url: str) -> list[str]:
     engine = create_engine(url)
     with engine.connect() as connection:
@@ -70,7 +83,7 @@ def test_records_land_in_postgres_with_every_field(postgres_url: str, flood_home
     log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20)
     log.start()
     record = make_record()
-    log.record_many([record])
+    log.record(group_of(record))
     assert log.flush(10)
     log.close()
     engine = create_engine(postgres_url)
@@ -95,7 +108,7 @@ def test_duplicate_request_ids_land_once(postgres_url: str) -> None:
     log.start()
     record = make_record()
     for _ in range(3):
-        log.record_many([record])
+        log.record(group_of(record))
         log.flush(10)
     log.close()
     assert logged_ids(postgres_url) == [record.request_id]
@@ -116,7 +129,7 @@ def test_postgres_outage_while_predictions_run(
         for _ in range(count):
             record = make_record()
             start = time.perf_counter()
-            log.record_many([record])  # the request path: must never fail or block
+            log.record(group_of(record))  # the request path: must never fail or block
             enqueue_times.append(time.perf_counter() - start)
             sent.append(record.request_id)
             time.sleep(0.002)
@@ -154,7 +167,7 @@ def test_close_with_database_down_keeps_everything_in_the_journal(
     first.start()
     records = [make_record() for _ in range(25)]
     for record in records:
-        first.record_many([record])
+        first.record(group_of(record))
     first.close()  # graceful shutdown: nothing lost although nothing could be inserted
     journaled = list((flood_home / "journal").glob("*.jsonl"))
     assert sum(len(p.read_text().splitlines()) for p in journaled) == 25
@@ -176,7 +189,7 @@ def test_replaying_rows_that_already_landed_does_not_duplicate(postgres_url: str
     log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20)
     log.start()
     for record in records[:6]:
-        log.record_many([record])
+        log.record(group_of(record))
     log.flush(10)
     log.close()
     # A journal from before writer locks (named by pid, no lock file): its writer is gone.
@@ -226,7 +239,7 @@ def test_sqlite_default_with_injected_outage(settings: Settings, flood_home: Pat
         if index == 20:
             log.flush(10)
             flaky.down.clear()
-        log.record_many([record])
+        log.record(group_of(record))
     log.close()
     with get_engine().connect() as connection:
         count = connection.scalar(select(func.count()).select_from(PredictionLogRow))
@@ -240,7 +253,7 @@ def test_rows_beyond_the_queue_bound_still_reach_the_database(postgres_url: str,
     log.start()
     assert log.flush(10)  # past the writer's start-up adoption
     records = [make_record() for _ in range(200)]
-    log.record_many(records)  # far more at once than the queue holds: held, then journaled
+    log.record(group_of(*records))  # far more at once than the queue holds: held, then journaled
     try:
         assert log.flush(10)
         assert sorted(logged_ids(postgres_url)) == sorted(r.request_id for r in records)
@@ -251,9 +264,10 @@ def test_rows_beyond_the_queue_bound_still_reach_the_database(postgres_url: str,
 
 def journal_ids(flood_home: Path) -> set[str]:
     return {
-        PredictionRecord.from_json(line).request_id
+        row_id
         for path in flood_home.glob("journal/journal-*.jsonl")
         for line in path.read_text().splitlines()
+        for row_id in PredictionGroup.from_json(line).row_ids
     }
 
 
@@ -269,7 +283,7 @@ def test_a_durable_commit_returns_only_once_the_rows_are_fsynced_and_shares_fsyn
     records = [make_record() for _ in range(400)]
 
     async def answer(record: PredictionRecord) -> None:
-        await log.commit([record])
+        await log.commit(group_of(record))
         # What a crash right after the answer would leave: the row must be on disk already.
         assert record.request_id in journal_ids(flood_home)
 
@@ -277,7 +291,7 @@ def test_a_durable_commit_returns_only_once_the_rows_are_fsynced_and_shares_fsyn
         for record in records[:5]:  # one by one, each checked
             await answer(record)
         start = time.perf_counter()
-        await asyncio.gather(*(log.commit([r]) for r in records[5:]))
+        await asyncio.gather(*(log.commit(group_of(r)) for r in records[5:]))
         elapsed = time.perf_counter() - start
         print(f"5 sequential then 395 concurrent commits: {log.fsyncs} fsyncs in all, {elapsed:.3f} s")
 
@@ -296,12 +310,15 @@ def test_an_empty_commit_returns_at_once_in_durable_mode(postgres_url: str, floo
     log.start()
     try:
         started = time.perf_counter()
-        asyncio.run(log.commit([]))
+        no_rows = dataclasses.replace(
+            group_of(make_record()), row_ids=(), inputs_json=(), probabilities=(), risk_levels=()
+        )
+        asyncio.run(log.commit(no_rows))
 
         async def empty_group() -> None:
             # What a request with no rows would wait on, should one reach the journal thread.
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            log._incoming.put(_Submission((), future, asyncio.get_running_loop()))
+            log._incoming.put(_Submission(None, future, asyncio.get_running_loop()))
             await asyncio.wait_for(future, 2)
 
         asyncio.run(empty_group())
@@ -314,7 +331,7 @@ def test_async_durability_does_not_wait(postgres_url: str, flood_home: Path) -> 
     log = PredictionLog(engine=get_engine(postgres_url), durability="async")
     log.start()
     try:
-        asyncio.run(log.commit([make_record()]))
+        asyncio.run(log.commit(group_of(make_record())))
         assert log.fsyncs == 0 or log.flush(10)  # returned before (or regardless of) the fsync
         assert log.flush(10)
         assert len(logged_ids(postgres_url)) == 1
@@ -337,7 +354,7 @@ def test_a_truncated_journal_line_is_quarantined_and_logging_goes_on(
     try:
         assert log.flush(10)
         later = make_record()
-        log.record_many([later])
+        log.record(group_of(later))
         assert log.flush(10)
         health = log.health()
         assert sorted(logged_ids(postgres_url)) == sorted(r.request_id for r in [*good, later])
@@ -379,7 +396,7 @@ def test_a_read_only_database_keeps_rows_in_the_journal_not_rejected(
     log.start()
     records = [make_record() for _ in range(50)]
     try:
-        log.record_many(records)
+        record_each(log, records)
         assert log.flush(10)
         health = log.health()
         assert health["status"] == "degraded" and "ReadOnlySqlTransaction" in health["last_error"], health
@@ -407,7 +424,7 @@ def test_rows_the_database_refuses_for_good_are_counted_and_replayable(
     log = PredictionLog(engine=get_engine(scratch_url), flush_ms=20)
     log.start()
     try:
-        log.record_many([*good[:2], bad, *good[2:]])
+        record_each(log, [*good[:2], bad, *good[2:]])
         assert log.flush(10)
         health = log.health()
         assert log.rows_rejected == 1 and health["rows_rejected"] == 1
@@ -444,7 +461,7 @@ def test_a_hung_database_costs_no_memory_and_shows_within_seconds(
             slowest = 0.0
             for start in range(0, 600, 20):
                 began = time.perf_counter()
-                await asyncio.gather(*(log.commit([r]) for r in records[start : start + 20]))
+                await asyncio.gather(*(log.commit(group_of(r)) for r in records[start : start + 20]))
                 slowest = max(slowest, time.perf_counter() - began)
                 await asyncio.sleep(0.005)
             return slowest
@@ -477,11 +494,11 @@ def test_a_durable_request_is_refused_when_neither_journal_nor_database_can_keep
     log.start()
     try:
         first = make_record()
-        asyncio.run(log.commit([first]))  # database up: committed straight into it
+        asyncio.run(log.commit(group_of(first)))  # database up: committed straight into it
         assert logged_ids(postgres_url) == [first.request_id]
         postgres_proxy.stop()
         with pytest.raises(PredictionLogUnavailableError):
-            asyncio.run(log.commit([make_record()]))
+            asyncio.run(log.commit(group_of(make_record())))
         assert log.rows_refused == 1 and log.health()["status"] == "degraded"
     finally:
         log.close()
@@ -497,7 +514,7 @@ def test_a_failing_writer_is_restarted_and_never_reported_ok(
     broken.set()
     append = log._append_segment
 
-    def faulty_append(records: list[PredictionRecord]) -> None:  # a bug, injected
+    def faulty_append(records: list[PredictionGroup]) -> None:  # a bug, injected
         if broken.is_set():
             raise RuntimeError("injected writer bug")
         append(records)
@@ -505,13 +522,13 @@ def test_a_failing_writer_is_restarted_and_never_reported_ok(
     monkeypatch.setattr(log, "_append_segment", faulty_append)
     try:
         with pytest.raises(PredictionLogUnavailableError):
-            asyncio.run(log.commit([make_record()]))  # refused, not left waiting
+            asyncio.run(log.commit(group_of(make_record())))  # refused, not left waiting
         health = log.health()
         assert health["status"] == "degraded" and "restarting" in " ".join(health["problems"]), health
         broken.clear()
         time.sleep(1.0)
         record = make_record()
-        asyncio.run(log.commit([record]))
+        asyncio.run(log.commit(group_of(record)))
         assert log.flush(10)
         assert logged_ids(postgres_url) == [record.request_id]
         assert log.writer_restarts >= 1 and log.health()["status"] == "ok"
@@ -540,3 +557,42 @@ def test_transient_is_decided_by_sqlstate_class(sqlstate: str, transient: bool) 
         pgcode = sqlstate
 
     assert is_transient(DBAPIError("INSERT", {}, DriverError())) is transient
+
+
+def test_a_group_is_one_journal_line_and_reads_back_whole() -> None:
+    base = make_record()
+    records = [
+        dataclasses.replace(base, request_id=f"r#{i}", inputs={"rainfall": float(i)}) for i in range(3)
+    ]
+    group = group_of(*records)
+    line = group.to_json()
+    assert "\n" not in line
+    back = PredictionGroup.from_json(line)
+    assert back == group and back.records() == records
+    # A line as journals before groups wrote them: one row.
+    assert PredictionGroup.from_json(records[0].to_json()).records() == records[:1]
+    torn = line.replace('"risk_levels":["Alert","Alert","Alert"]', '"risk_levels":["Alert"]')
+    with pytest.raises(ValueError, match="line up"):
+        PredictionGroup.from_json(torn)
+
+
+def test_a_batch_group_lands_as_one_row_each(postgres_url: str, flood_home: Path) -> None:
+    records = [dataclasses.replace(make_record(), inputs={"rainfall": float(i)}) for i in range(300)]
+    log = PredictionLog(engine=get_engine(postgres_url), flush_ms=20, batch_rows=100)
+    log.start()
+    try:
+        asyncio.run(log.commit(group_of(*records)))
+        assert log.flush(10)
+    finally:
+        log.close()
+    engine = create_engine(postgres_url)
+    with engine.connect() as connection:
+        rows: dict[str, dict[str, float]] = dict(
+            connection.execute(
+                select(PredictionLogRow.request_id, PredictionLogRow.inputs).where(
+                    PredictionLogRow.request_id.in_([r.request_id for r in records])
+                )
+            ).all()
+        )
+    engine.dispose()
+    assert rows == {r.request_id: r.inputs for r in records}

@@ -10,7 +10,6 @@ tests that kill it. Each test records its figure for the fault table (see confte
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 import shutil
 import signal
@@ -29,6 +28,7 @@ from bundle.bentos import find_bento
 from core.settings import Settings
 from ops.database import dispose_engines
 from ops.keys import ApiKeyStore
+from ops.predictionlog import PredictionGroup
 from ops.tables import PredictionLogRow
 from tests.reliability.conftest import Figure, record_figure
 from tests.reliability.load import DAY, BackgroundLoad, Outcome, statuses
@@ -316,7 +316,8 @@ def test_answered_is_durable_with_no_shutdown_code_at_all(durable: Durable) -> N
     d.kill_everything()
     on_disk = set()
     for path in (d.root / "journal").glob("journal-*.jsonl"):
-        on_disk |= {json.loads(line)["request_id"] for line in path.read_text().splitlines() if line.strip()}
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        on_disk |= {row_id for line in lines for row_id in PredictionGroup.from_json(line).row_ids}
     engine = create_engine(d.database_url)
     with engine.connect() as connection:
         in_db = set(

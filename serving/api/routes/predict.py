@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from core.observation import FIELD_NAMES, Observation
-from ops.predictionlog import PredictionRecord
+from ops.predictionlog import PredictionGroup
 from serving.api.deps import (
     SECURITY,
     Backend,
@@ -97,42 +97,43 @@ async def predict_observations(
         # Durable before answered (PREDICTION_LOG_DURABILITY): refused with a 503 when
         # nothing can keep the rows.
         await backend.operations.record(
-            prediction_records(
-                request, observations, predictions, request_id=request_id, batch=route != "predict"
+            prediction_group(
+                request,
+                observations,
+                predictions,
+                request_id=request_id,
+                batch=route != "predict",
+                model=ref,
             )
         )
     return predictions
 
 
-def prediction_records(
+def prediction_group(
     request: Request,
     observations: Sequence[Observation],
     predictions: Sequence[Prediction],
     *,
     request_id: str,
     batch: bool,
-) -> list[PredictionRecord]:
-    """One prediction-log row per answered observation, with the model version it came from."""
-    now = datetime.now(UTC)
+    model: ModelRef,
+) -> PredictionGroup:
+    """The request's prediction-log rows, one object for all of them, with the model version
+    they came from."""
     latency_ms = (time.perf_counter() - request.state.started) * 1000.0
-    key_id = getattr(request.state, "key_id", None)
-    client_id = request.state.client_request_id
-    ids = log_row_ids(request_id, len(predictions), batch=batch)
-    return [
-        PredictionRecord(
-            request_id=row_id,
-            created_at=now,
-            key_id=key_id,
-            inputs=o.model_dump(exclude_none=True),
-            probability=p.probability,
-            risk_level=p.risk_level,
-            model_version=str(p.model.version),
-            bento_tag=p.model.bento_tag,
-            latency_ms=latency_ms,
-            client_request_id=client_id,
-        )
-        for row_id, o, p in zip(ids, observations, predictions, strict=True)
-    ]
+    return PredictionGroup(
+        request_id=request_id,
+        created_at=datetime.now(UTC),
+        key_id=getattr(request.state, "key_id", None),
+        model_version=str(model.version),
+        bento_tag=model.bento_tag,
+        latency_ms=latency_ms,
+        client_request_id=request.state.client_request_id,
+        row_ids=tuple(log_row_ids(request_id, len(predictions), batch=batch)),
+        inputs_json=tuple(o.model_dump_json(exclude_none=True) for o in observations),
+        probabilities=tuple(p.probability for p in predictions),
+        risk_levels=tuple(p.risk_level for p in predictions),
+    )
 
 
 @router.post(
