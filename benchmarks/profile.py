@@ -1,5 +1,9 @@
 """Where an API worker's CPU goes: py-spy samples of one worker under load, by part.
 
+Only the thread holding the GIL is sampled (``--gil``): a thread blocked in fsync or
+waiting on PostgreSQL's socket is not using the CPU the requests compete for, and without
+the flag py-spy counts it as busy.
+
 Each sample (a stack of every thread that was running) is given to the part of its
 innermost frame that belongs to one: a sample inside ``json`` called by the prediction log
 is the log's, one inside OpenTelemetry called by BentoML's middleware is tracing's. The
@@ -57,7 +61,7 @@ def record(pid: int, *, duration_s: float, out: Path, rate: int = 250) -> Path:
     """Sample ``pid`` for ``duration_s`` into a collapsed-stack file (py-spy's raw format)."""
     command = [
         py_spy_binary(), "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))),
-        "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(out),
+        "--rate", str(rate), "--format", "raw", "--nonblocking", "--gil", "--output", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=duration_s + 60)
     if done.returncode != 0 or not out.is_file():
