@@ -37,7 +37,19 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "bentoml/_internal/client",
         ),
     ),
-    ("tracing (OpenTelemetry)", ("opentelemetry/",)),
+    # py-spy names a namespace package's files by their last directories only
+    # (opentelemetry/instrumentation/asgi/__init__.py is "asgi/__init__.py"): functions too.
+    (
+        "tracing (OpenTelemetry)",
+        (
+            "opentelemetry/",
+            "OpenTelemetryMiddleware",
+            "(asgi/__init__.py",
+            "(trace/",
+            "_start_internal_or_server_span",
+            "TraceRecordFilter",
+        ),
+    ),
     ("access log and logging", ("bentoml/_internal/server/http/access", "logging/")),
     ("request metrics", ("bentoml/_internal/server/http/instruments", "prometheus_client/")),
     ("other BentoML middleware", ("bentoml/_internal/", "_bentoml_impl/", "serving/hardening.py")),
