@@ -26,6 +26,7 @@ pause rather than one per request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -402,14 +403,7 @@ class RateLimiter:
         if self._redis is None:
             return decision
         self.fallback_decisions += 1
-        return RateLimitDecision(
-            allowed=decision.allowed,
-            limit=decision.limit,
-            remaining=decision.remaining,
-            reset_at=decision.reset_at,
-            retry_after=decision.retry_after,
-            degraded=True,
-        )
+        return dataclasses.replace(decision, degraded=True)
 
     def _note_redis_failure(self, exc: BaseException) -> None:
         was_up = self._redis_down_until == 0.0
