@@ -39,6 +39,6 @@ def test_outside_a_bento_there_is_no_bento_tag() -> None:
 
 def test_no_other_module_imports_bentoml_private_apis() -> None:
     found = subprocess.run(
-        ["git", "grep", "-l", "bentoml._internal", "--", "*.py"], cwd=ROOT, capture_output=True, text=True
+        ["git", "grep", "-lF", "bentoml._internal", "--", "*.py"], cwd=ROOT, capture_output=True, text=True
     ).stdout.split()
     assert sorted(found) == ["serving/bentoml_internals.py", "tests/serving/test_bentoml_internals.py"], found
