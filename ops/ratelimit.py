@@ -227,12 +227,13 @@ class _MemoryCounters:
     """The charge script's twin in-process: the same counters, this worker's clock."""
 
     def __init__(self) -> None:
-        self._states: dict[str, list[int]] = {}  # key -> [window index, current, previous]
+        # key -> [window index, current, previous, window length in ms]
+        self._states: dict[str, list[int]] = {}
 
     def charge(self, keys: Sequence[str], windows: Sequence[Window], cost: int) -> list[int]:
         now_ms = time.time_ns() // 1_000_000
         if len(self._states) > _MEMORY_PRUNE_AT:
-            self._prune(now_ms, windows)
+            self._prune(now_ms)
         answer = [0, now_ms]
         states = []
         for position, (key, window) in enumerate(zip(keys, windows, strict=True), start=1):
@@ -249,15 +250,14 @@ class _MemoryCounters:
             states.append([index, current, previous])
             answer += [current, previous]
         if not answer[0]:
-            for key, (index, current, previous) in zip(keys, states, strict=True):
-                self._states[key] = [index, current + cost, previous]
+            for key, window, (index, current, previous) in zip(keys, windows, states, strict=True):
+                self._states[key] = [index, current + cost, previous, window.length_ms]
         return answer
 
-    def _prune(self, now_ms: int, windows: Sequence[Window]) -> None:
-        # A key idle for two of the longest windows counts nothing any more.
-        longest = max(window.length_ms for window in windows)
+    def _prune(self, now_ms: int) -> None:
+        # A counter older than the previous window of its own length counts nothing any more.
         self._states = {
-            key: state for key, state in self._states.items() if state[0] >= now_ms // longest - 2
+            key: state for key, state in self._states.items() if state[0] >= now_ms // state[3] - 1
         }
 
 

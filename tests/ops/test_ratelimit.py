@@ -13,7 +13,7 @@ import pytest
 
 from core.errors import ConfigurationError, DependencyUnavailableError
 from core.settings import get_settings
-from ops.ratelimit import RateLimitDecision, RateLimiter, parse_limits
+from ops.ratelimit import _MEMORY_PRUNE_AT, RateLimitDecision, RateLimiter, parse_limits
 from tests.conftest import REDIS_URL
 from tests.ops.proxy import FaultyProxy
 
@@ -274,3 +274,21 @@ def test_the_store_is_a_storage_uri_setting(
     get_settings.cache_clear()
     local = RateLimiter()
     assert local.backend == "memory" and allowed_count(local, "k", "free", 8) == 5
+
+
+def test_forgetting_idle_in_process_counters_keeps_live_longer_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its size bound the in-process store forgets idle counters, each judged by its
+    own window: many keys on a per-minute tier must not reset a live per-hour count."""
+    monkeypatch.setenv("RATE_LIMIT_TIERS", json.dumps({"hourly": "3/hour", "minutely": "1000000/minute"}))
+    get_settings.cache_clear()
+    limiter = RateLimiter(storage_uri="memory://")
+    assert allowed_count(limiter, "k", "hourly", 3) == 3
+
+    async def many_keys() -> None:
+        for n in range(_MEMORY_PRUNE_AT + 2):
+            await limiter.hit(f"other-{n}", "minutely")
+
+    run(many_keys())
+    assert not hit(limiter, "k", "hourly").allowed
