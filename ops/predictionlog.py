@@ -218,7 +218,7 @@ class PredictionGroup:
             probabilities=tuple(float(p) for p in data["probabilities"]),
             risk_levels=tuple(data["risk_levels"]),
         )
-        if not len({len(group.row_ids), len(inputs), len(group.probabilities), len(group.risk_levels)}) == 1:
+        if len({len(group.row_ids), len(inputs), len(group.probabilities), len(group.risk_levels)}) != 1:
             raise ValueError("a group whose rows do not line up")
         return group
 
@@ -336,11 +336,11 @@ def _copy_rows(connection: Connection, batch: Sequence[PredictionGroup], *, may_
 
 @dataclass
 class _Segment:
-    """A closed journal file waiting to be shipped; ``records`` is None once only the disk has them."""
+    """A closed journal file waiting to be shipped; ``groups`` is None once only the disk has them."""
 
     path: Path
     rows: int
-    records: list[PredictionGroup] | None
+    groups: list[PredictionGroup] | None
     # Opened at while it is being written, closed at once it waits for the shipper.
     since: float = field(default_factory=time.monotonic)
     may_exist: bool = False  # read back from disk: some rows may have landed before a crash
@@ -437,7 +437,7 @@ class PredictionLog:
         self._failing: dict[str, str] = {}  # thread name -> last exception, while restarting
         self._next_retry = 0.0  # monotonic; 0 means the database is believed up
         self._held: list[PredictionGroup] = []  # async mode: neither journal nor database took them
-        self._held_rows = 0
+        self._held_rows = 0  # their rows, kept as a count: _hold runs per request during an outage
 
         self.rows_inserted = 0
         self.rows_journaled = 0  # rows that waited in the journal because the database did not take them
@@ -642,25 +642,25 @@ class PredictionLog:
                 return items
 
     def _make_durable(self, submissions: list[_Submission]) -> None:
-        records = [submission.group for submission in submissions if submission.group is not None]
+        groups = [submission.group for submission in submissions if submission.group is not None]
         with self._incoming_lock:
-            self._incoming_rows -= _rows(records)
-        records = [*self._take_held(), *records]
-        if not _rows(records):
+            self._incoming_rows -= _rows(groups)
+        groups = [*self._take_held(), *groups]
+        if not _rows(groups):
             self._settle_all(submissions, None)  # e.g. an empty batch: nothing to keep
             return
         error: Exception | None = None
         try:
-            self._append_segment(records)
+            self._append_segment(groups)
         except OSError as exc:
             self._note_journal_failure(exc)
-            error = self._commit_directly(records)
+            error = self._commit_directly(groups)
         else:
             if self.journal_error is not None:
                 logger.warning("prediction journal %s writable again", self._journal_dir)
                 self.journal_error = None
         if error is not None and self.durability == "async":
-            self._hold(records)
+            self._hold(groups)
         self._settle_all(submissions, error)
 
     @staticmethod
@@ -674,11 +674,11 @@ class PredictionLog:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, futures, error)
 
-    def _append_segment(self, records: list[PredictionGroup]) -> None:
+    def _append_segment(self, groups: list[PredictionGroup]) -> None:
         if self._segment_file is None:
             self._open_segment()
         assert self._segment_file is not None and self._segment is not None
-        data = "".join(record.to_json() + "\n" for record in records).encode()
+        data = "".join(group.to_json() + "\n" for group in groups).encode()
         try:
             self._segment_file.write(data)
             self._segment_file.flush()
@@ -689,9 +689,9 @@ class PredictionLog:
             self._close_segment()
             raise
         self.fsyncs += 1
-        self._segment.rows += _rows(records)
-        assert self._segment.records is not None
-        self._segment.records.extend(records)
+        self._segment.rows += _rows(groups)
+        assert self._segment.groups is not None
+        self._segment.groups.extend(groups)
 
     def _open_segment(self) -> None:
         self._segment_seq += 1
@@ -711,7 +711,7 @@ class PredictionLog:
                 path.unlink()
             raise
         self._segment_file = handle
-        self._segment = _Segment(path=path, rows=0, records=[])
+        self._segment = _Segment(path=path, rows=0, groups=[])
 
     def _close_segment(self) -> None:
         segment, handle = self._segment, self._segment_file
@@ -728,10 +728,10 @@ class PredictionLog:
         segment.since = time.monotonic()
         self._to_shipper(segment)
 
-    def _commit_directly(self, records: list[PredictionGroup]) -> Exception | None:
+    def _commit_directly(self, groups: list[PredictionGroup]) -> Exception | None:
         """With the journal unwritable, the database is the only durable place left."""
         try:
-            self._insert(records, may_exist=False)
+            self._insert(groups, may_exist=False)
         except SQLAlchemyError as exc:
             self._mark_down(exc)
             return PredictionLogUnavailableError(
@@ -741,9 +741,9 @@ class PredictionLog:
 
     def _to_shipper(self, item: _Segment | _Marker | object) -> None:
         with self._ship_wakeup:
-            if isinstance(item, _Segment) and item.records is not None:
+            if isinstance(item, _Segment) and item.groups is not None:
                 if self._pending_memory_rows + item.rows > _MEMORY_ROWS:
-                    item.records = None  # the database is behind: read it back from disk later
+                    item.groups = None  # the database is behind: read it back from disk later
                 else:
                     self._pending_memory_rows += item.rows
             self._pending.append(item)
@@ -791,7 +791,7 @@ class PredictionLog:
     def _pop_pending(self) -> None:
         with self._ship_wakeup:
             item = self._pending.popleft()
-            if isinstance(item, _Segment) and item.records is not None:
+            if isinstance(item, _Segment) and item.groups is not None:
                 self._pending_memory_rows -= item.rows
 
     def _wait_for_retry(self) -> None:
@@ -829,15 +829,15 @@ class PredictionLog:
 
     def _ship(self, segment: _Segment) -> bool:
         """Insert one segment and delete its file; False (and marked down) on a transient error."""
-        records = segment.records if segment.records is not None else self._read_segment(segment.path)
+        groups = segment.groups if segment.groups is not None else self._read_segment(segment.path)
         try:
-            for chunk in _chunks(records, self._batch_rows):
+            for chunk in _chunks(groups, self._batch_rows):
                 self._insert(chunk, may_exist=segment.may_exist)
         except SQLAlchemyError as exc:
             self._mark_down(exc)
             if not segment.counted_as_waiting:
                 segment.counted_as_waiting = True
-                self.rows_journaled += _rows(records)
+                self.rows_journaled += _rows(groups)
             # A retry may find some chunks already committed.
             segment.may_exist = True
             return False
@@ -847,17 +847,17 @@ class PredictionLog:
 
     def _read_segment(self, path: Path) -> list[PredictionGroup]:
         """The groups of a journal file; lines that do not parse go to quarantine."""
-        records: list[PredictionGroup] = []
+        groups: list[PredictionGroup] = []
         bad: list[str] = []
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return records
+            return groups
         for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                records.append(PredictionGroup.from_json(line))
+                groups.append(PredictionGroup.from_json(line))
             except (ValueError, KeyError, TypeError) as exc:
                 bad.append(line)
                 logger.error(
@@ -865,7 +865,7 @@ class PredictionLog:
                 )
         if bad:
             self._quarantine(path, bad)
-        return records
+        return groups
 
     def _quarantine(self, source: Path, lines: list[str]) -> None:
         target = self._journal_dir / f"quarantine-{self._host}-{self._nonce}.jsonl"
@@ -968,11 +968,11 @@ class PredictionLog:
                 except FileNotFoundError:  # another new writer adopted it first
                     continue
                 logger.info("adopted prediction journal %s of a writer that is gone", path.name)
-                records = self._read_segment(target)
-                rows = _rows(records)
+                groups = self._read_segment(target)
+                rows = _rows(groups)
                 # Large adopted files are read again when shipped rather than held here.
-                kept = records if rows <= _MEMORY_ROWS // 10 else None
-                adopted.append(_Segment(path=target, rows=rows, records=kept, may_exist=True))
+                kept = groups if rows <= _MEMORY_ROWS // 10 else None
+                adopted.append(_Segment(path=target, rows=rows, groups=kept, may_exist=True))
             with contextlib.suppress(FileNotFoundError):
                 (self._journal_dir / f"writer-{self._host}-{owner}.lock").unlink()
         if not adopted:
@@ -980,7 +980,7 @@ class PredictionLog:
         with self._ship_wakeup:
             # Ahead of this writer's own segments; a stop or marker already queued stays after them.
             self._pending.extendleft(reversed(adopted))
-            self._pending_memory_rows += sum(s.rows for s in adopted if s.records is not None)
+            self._pending_memory_rows += sum(s.rows for s in adopted if s.groups is not None)
 
     def _owner_alive(self, owner: str) -> bool:
         lock = self._journal_dir / f"writer-{self._host}-{owner}.lock"
@@ -1023,13 +1023,13 @@ class PredictionLog:
                 "durable mode" if self.durability == "durable" else "async mode: held in memory",
             )
 
-    def _hold(self, records: list[PredictionGroup]) -> None:
+    def _hold(self, groups: list[PredictionGroup]) -> None:
         """Async mode only: rows nothing durable took, kept in memory up to a bound and
         offered to the journal again with the next group."""
         dropped = 0
         with self._held_lock:
-            self._held.extend(records)
-            self._held_rows += _rows(records)
+            self._held.extend(groups)
+            self._held_rows += _rows(groups)
             while self._held_rows > _QUEUE_MAX and len(self._held) > 1:
                 oldest = self._held.pop(0)
                 self._held_rows -= len(oldest)
