@@ -331,12 +331,12 @@ def profile_api_worker(
     time.sleep(1)
     profile.record(pids[0], duration_s=duration_s, out=out)
     loader.join()
+    # The measured run's API CPU per request, summed over the API workers: they serve the
+    # same mix of requests, so one worker's shares stand for all of them.
     api_us = measured["cpu_us_per_request"].get(API_SERVICE, 0.0)
-    workers = measured["processes"].get(API_SERVICE, 1)
-    # The API workers share the load evenly: each request costs api_us across them, all in one.
     result = profile.breakdown(out, cpu_us_per_request=api_us, rows_per_request=measured["rows_per_request"])
     done = outcome.get("load")
-    result["api_workers"] = workers
+    result["api_workers"] = measured["processes"].get(API_SERVICE, 1)
     result["answered_requests"] = 0 if done is None else done.requests - done.errors["status"]
     return result
 

@@ -58,33 +58,25 @@ class RunningPeer:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the server's whole process tree so far."""
-        total = 0.0
+    def _workers(self) -> list[psutil.Process]:
         try:
-            root = psutil.Process(self.process.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                try:
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-                except psutil.NoSuchProcess:
-                    continue
+            return psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            pass
-        return total
+            return []
 
     def cpu_by_role(self) -> dict[str, tuple[int, float]]:
         """Per role (a Bento's service name, else "main" and "workers"): processes, CPU seconds."""
         out: dict[str, tuple[int, float]] = {}
         try:
-            root = psutil.Process(self.process.pid)
-            processes = [root, *root.children(recursive=True)]
+            processes = [psutil.Process(self.process.pid), *self._workers()]
         except psutil.NoSuchProcess:
             return out
         for proc in processes:
             try:
                 times = proc.cpu_times()
-                role = service_name_of(proc.cmdline()) or ("main" if proc.pid == root.pid else "workers")
+                role = service_name_of(proc.cmdline()) or (
+                    "main" if proc.pid == self.process.pid else "workers"
+                )
             except psutil.NoSuchProcess:
                 continue
             count, seconds = out.get(role, (0, 0.0))
@@ -92,12 +84,8 @@ class RunningPeer:
         return out
 
     def pids_of(self, role: str) -> list[int]:
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
         pids = []
-        for proc in children:
+        for proc in self._workers():
             try:
                 if service_name_of(proc.cmdline()) == role:
                     pids.append(proc.pid)
@@ -106,10 +94,7 @@ class RunningPeer:
         return pids
 
     def worker_pids(self) -> list[int]:
-        try:
-            return [p.pid for p in psutil.Process(self.process.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return [proc.pid for proc in self._workers()]
 
 
 def service_name_of(argv: list[str]) -> str | None:
