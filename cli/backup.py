@@ -61,13 +61,15 @@ def verify_command(
         None, help="Backup file or name in the backup folder (default: newest)."
     ),
 ) -> None:
-    """Check the sha256 and restore into a scratch database, comparing row counts."""
+    """Check the manifest's signature and the sha256, then restore into a scratch database,
+    comparing row counts."""
     from ops import backup
 
     report = backup.verify_backup(backup.resolve_backup(file))
+    _warn_unauthenticated(report.authenticated)
     typer.echo(
-        f"ok: {report.path.name} (sha256 matches, {len(report.restored_rows)} tables, "
-        f"{sum(report.restored_rows.values())} rows restored as recorded)"
+        f"ok: {report.path.name} ({'signature valid, ' if report.authenticated else ''}sha256 matches, "
+        f"{len(report.restored_rows)} tables, {sum(report.restored_rows.values())} rows restored as recorded)"
     )
 
 
@@ -87,6 +89,7 @@ def restore_command(
             abort=True,
         )
     report = backup.restore_backup(path)
+    _warn_unauthenticated(report.authenticated)
     typer.echo(f"safety backup: {report.safety_backup.file}")
     typer.echo(f"restored {report.path.name} (taken {_when(report.manifest.created_at)})")
     for table, (expected, actual) in sorted(report.differences.items()):
@@ -114,6 +117,16 @@ def schedule_command() -> None:
 
     for line in describe_schedule():
         typer.echo(line)
+
+
+def _warn_unauthenticated(authenticated: bool) -> None:
+    if not authenticated:
+        typer.secho(
+            "warning: manifest not authenticated (BACKUP_SIGNING_KEY is not set), so a forged "
+            "backup would pass as well; set the key to sign and check backups",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
 
 
 def _size(size: int) -> str:

@@ -50,8 +50,12 @@ class Settings(BaseSettings):
             "basic": "20/minute",
             "pro": "100/minute",
             "enterprise": "500/minute",
+            "admin": "60/minute",
         }
     )
+    # Keys of these tiers see /health/detailed and /health/ready in full (errors, hosts,
+    # journal problems); everyone else sees statuses, latencies and counts only.
+    health_detail_tiers: list[str] = Field(default_factory=lambda: ["admin"])
     # Cost per row for each route; routes not listed cost one per row.
     rate_limit_route_weights: dict[str, int] = Field(default_factory=dict)
     rate_limit_policy: Literal["fail-open", "fail-closed"] = "fail-open"
@@ -61,6 +65,14 @@ class Settings(BaseSettings):
     # Production refuses in-process limits (they multiply with workers and replicas) unless
     # this says a single API worker is meant; the start logs that choice.
     rate_limit_in_process: bool = False
+    # Failed authentications (missing, unknown, revoked or expired keys) one client address
+    # may make; past it, keys the worker has not cached are refused (429) without a
+    # database lookup, so guessing can neither flood the database nor go on unbounded.
+    auth_failure_limit: str = "30/minute;300/hour"
+    # Proxies in front that append the client to X-Forwarded-For; 0 trusts no header and
+    # uses the peer address. Too many lets clients pick their own address; too few puts
+    # every client behind the proxy under one limit.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
     api_key_grace_hours: float = Field(default=24.0, ge=0)
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
     # While the database is unreachable, a key checked within this window is still judged
@@ -99,6 +111,17 @@ class Settings(BaseSettings):
     # Call the model inside each API worker instead of the model service (which still
     # starts, idle): what `make bench` compares to show what the hop to the runner costs.
     serving_model_in_process: bool = False
+    # Most bytes of request line plus headers one request may send; more is refused (431)
+    # and the connection closed, so unterminated headers cannot pile up in a worker (uvicorn
+    # bounds none: 50 x 1 MB added 52 MB to a worker and it kept 47). Our clients send a few
+    # hundred bytes (the API key is ~60); 16 KiB is h11's and Node's default, and leaves
+    # room for browser cookies on /docs.
+    serving_max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # A connection must finish its request's headers this long after connecting, or after
+    # its next request's first byte; else it is closed. Bounds slowloris and connections
+    # that send nothing (uvicorn has no such timeout). Idle keep-alive between requests
+    # keeps the serve's --timeout-keep-alive (bundle.bentos.KEEP_ALIVE_S).
+    serving_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
     # Celery: broker and result backend default to REDIS_URL, then to a local Redis (db 1:
     # db 0 is the rate limiter's and the tests'), so `celery -A ops.tasks worker` needs no
@@ -112,6 +135,10 @@ class Settings(BaseSettings):
     backup_keep_schema: int = Field(default=4, ge=1)
     # Safety backups taken by `flood backup restore` before it overwrites anything.
     backup_keep_safety: int = Field(default=3, ge=1)
+    # HMAC key for backup manifests: anyone who can write the backup folder could otherwise
+    # forge a dump and a matching manifest. Set, verify and restore refuse what it did not
+    # sign; unset (development), backups are unsigned and reported as unauthenticated.
+    backup_signing_key: SecretStr | None = None
     prediction_log_retention_days: int = Field(default=90, ge=1)
     # "archive" writes expired rows to gzipped JSON lines under backups/ before deleting them.
     prediction_log_retention_mode: Literal["archive", "delete"] = "archive"

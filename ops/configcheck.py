@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
 from core.errors import ConfigurationError
@@ -125,28 +126,41 @@ def _estimated_bits(value: str) -> float:
     return per_char * len(value)
 
 
-def _secret_problem(settings: Settings) -> ConfigProblem | None:
-    if settings.secret_key is None or not settings.secret_key.get_secret_value():
-        return ConfigProblem("SECRET_KEY", "not set", f"set it to the output of {_GENERATE}")
-    weakness = secret_weakness(settings.secret_key.get_secret_value())
+def _required_secret_problem(
+    variable: str, secret: SecretStr | None, *, unset: str = "not set", fix: str = ""
+) -> ConfigProblem | None:
+    fix = fix or f"set it to the output of {_GENERATE}"
+    if secret is None or not secret.get_secret_value():
+        return ConfigProblem(variable, unset, fix)
+    weakness = secret_weakness(secret.get_secret_value())
     if weakness is not None:
-        return ConfigProblem(
-            "SECRET_KEY", f"not a strong random secret: {weakness}", f"set it to the output of {_GENERATE}"
-        )
+        return ConfigProblem(variable, f"not a strong random secret: {weakness}", fix)
     return None
+
+
+def _secret_problem(settings: Settings) -> ConfigProblem | None:
+    return _required_secret_problem("SECRET_KEY", settings.secret_key)
+
+
+def _backup_signing_key_problem(settings: Settings) -> ConfigProblem | None:
+    return _required_secret_problem(
+        "BACKUP_SIGNING_KEY",
+        settings.backup_signing_key,
+        unset="not set, so backups would be unsigned and a forged dump with a matching manifest "
+        "would pass verify and restore",
+        fix=f"set it to the output of {_GENERATE}, the same on every machine that writes or "
+        "restores backups, then take a signed backup (flood backup run)",
+    )
 
 
 def _signing_key_problem(settings: Settings) -> ConfigProblem | None:
     if settings.model_signing_key is None or not settings.model_signing_key.get_secret_value():
         return None  # required or not: the REQUIRE_MODEL_SIGNATURE rule below says so
-    weakness = secret_weakness(settings.model_signing_key.get_secret_value())
-    if weakness is not None:
-        return ConfigProblem(
-            "MODEL_SIGNING_KEY",
-            f"not a strong random secret: {weakness}",
-            f"set it to the output of {_GENERATE} and re-sign the models (flood bento build)",
-        )
-    return None
+    return _required_secret_problem(
+        "MODEL_SIGNING_KEY",
+        settings.model_signing_key,
+        fix=f"set it to the output of {_GENERATE} and re-sign the models (flood bento build)",
+    )
 
 
 def _rate_limit_problem(settings: Settings) -> ConfigProblem | None:
@@ -191,7 +205,12 @@ def find_config_problems(
                 "point DATABASE_URL at PostgreSQL (postgresql+psycopg2://...)",
             )
         )
-    for found in (_secret_problem(settings), _signing_key_problem(settings), _rate_limit_problem(settings)):
+    for found in (
+        _secret_problem(settings),
+        _signing_key_problem(settings),
+        _backup_signing_key_problem(settings),
+        _rate_limit_problem(settings),
+    ):
         if found is not None:
             problems.append(found)
     if settings.secret_key_previous and settings.secret_key_previous_until is None:

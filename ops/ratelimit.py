@@ -375,7 +375,12 @@ class RateLimiter:
 
     async def hit(self, identity: str, tier: str, *, cost: int = 1) -> RateLimitDecision:
         """Charge ``cost`` to ``identity`` (a key id, never the key) under ``tier``'s limits."""
-        windows = self._tiers.get(tier) or self._tiers[""]
+        return await self.hit_windows(identity, self._tiers.get(tier) or self._tiers[""], cost=cost)
+
+    async def hit_windows(
+        self, identity: str, windows: Sequence[Window], *, cost: int = 1
+    ) -> RateLimitDecision:
+        """Charge ``cost`` to ``identity`` under ``windows`` (``parse_limits``), all or none."""
         for window in windows:
             if cost > window.amount:
                 return RateLimitDecision(

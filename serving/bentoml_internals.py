@@ -28,6 +28,13 @@ PRIVATE_NAMES: dict[str, tuple[str, str | None]] = {
     # The arbiter that owns the API socket; serving.handover closes it on stop so a
     # replacement server inherits the port (zero-downtime handover).
     "arbiter": ("bentoml._internal.utils.circus", "Arbiter"),
+    # BentoML's API worker: it builds its uvicorn.Config with no http= (so uvicorn's "auto",
+    # httptools when installed) and no option bounding request headers or their read time;
+    # the service config has none either. serving.hardening subclasses uvicorn's httptools
+    # protocol to bound both, and serve_http_with() makes "auto" resolve to it.
+    "api_worker": ("_bentoml_impl.worker.service", "main"),
+    "uvicorn_auto_http": ("uvicorn.protocols.http.auto", None),
+    "httptools_protocol": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
 }
 
 
@@ -65,3 +72,11 @@ def model_store(path: str) -> Any:
 
 def bento_store(path: str) -> Any:
     return resolve("bento_store")(path)
+
+
+def serve_http_with(protocol: type) -> None:
+    """Every uvicorn server this process starts with ``http="auto"`` (BentoML's workers: see
+    ``api_worker``) speaks HTTP/1.1 through ``protocol``. Call it before the worker's server
+    starts, i.e. where the service is defined: uvicorn resolves "auto" when it starts."""
+    resolve("uvicorn_auto_http").AutoHTTPProtocol = protocol
+

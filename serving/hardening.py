@@ -9,10 +9,20 @@ writes the decoded path, so ``/x%0A<forged line>`` would start a line of its own
 route serves as ``other`` (the request itself still sees its real path, so it is answered
 exactly as before); :class:`ControlCharacterEscaper` escapes control characters in
 access-log lines.
+
+Below the application, uvicorn (which serves every BentoML worker) bounds neither the size
+of a request's headers nor the time a client takes to send them: httptools keeps appending
+an unterminated header in memory, and a connection that sends nothing, or one byte at a
+time, stays open for good. Neither BentoML's service config nor its worker's uvicorn.Config
+can set such a bound (``serving.bentoml_internals``: ``api_worker``).
+:func:`bound_http_requests` makes the workers speak HTTP through a subclass of uvicorn's
+httptools protocol that refuses headers over a size (431, connection closed) and closes a
+connection whose request headers are not complete in time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +36,13 @@ OTHER_PATH_LABEL = "other"
 BENTOML_PATHS = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/docs.json", "/docs", "/"})
 _ORIGINAL_PATH = "flood.original_path"
 _ACCESS_LOGGER = "bentoml.access"
+# Not uvicorn.error: BentoML gives that logger a handler and lets it propagate to the root's
+# identical one, so each of its lines is written twice.
+logger = logging.getLogger(__name__)
+_HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+    b"request headers too large",
+)
 
 
 class _RestorePath:
@@ -90,3 +107,116 @@ def escape_access_log() -> None:
     access = logging.getLogger(_ACCESS_LOGGER)
     if not any(isinstance(f, ControlCharacterEscaper) for f in access.filters):
         access.addFilter(ControlCharacterEscaper())
+
+
+def bound_http_requests(*, max_header_bytes: int, header_timeout_s: float) -> None:
+    """Make this process's uvicorn servers (BentoML's workers) refuse a request whose request
+    line and headers pass ``max_header_bytes`` (431, then close) and close a connection that
+    has not sent a request's complete headers ``header_timeout_s`` after it connected, or
+    after that request's first byte. Idle keep-alive between requests is not affected.
+    Call it where the service is defined, like :func:`bound_request_metric_labels`."""
+    base = bentoml_internals.resolve("httptools_protocol")
+
+    class BoundedHttpToolsProtocol(base):  # type: ignore[misc, valid-type]
+        """Counts what it feeds the parser while a request's headers are still coming, and
+        never feeds it more than ``max_header_bytes`` of them."""
+
+        flood_max_header_bytes = max_header_bytes
+        flood_header_timeout_s = header_timeout_s
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._flood_awaiting_headers = True
+            self._flood_header_bytes = 0
+            self._flood_request_begun = False
+            self._flood_header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._flood_arm_header_timer()  # also closes a connection that sends nothing
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._flood_cancel_header_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            # Past a request's headers: its body (capped by the app), then what follows it
+            # in the same read; the next request's headers are counted from the next read.
+            if not self._flood_awaiting_headers:
+                super().data_received(data)
+                return
+            if self.transport.is_closing():
+                return
+            room = self.flood_max_header_bytes - self._flood_header_bytes
+            if len(data) <= room:
+                self._flood_header_bytes += len(data)
+                super().data_received(data)
+                return
+            self._flood_header_bytes += room
+            super().data_received(data[:room])
+            if self.transport.is_closing():
+                return
+            if self._flood_awaiting_headers:
+                self._flood_refuse_headers()
+                return
+            # The headers ended within the limit: the rest is their body (or pipelined requests).
+            self.data_received(data[room:])
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._flood_request_begun = True
+            # A request's first byte: on a keep-alive connection its headers' deadline starts
+            # here (on a new one it runs since the connection was made).
+            self._flood_arm_header_timer()
+
+        def on_headers_complete(self) -> None:
+            self._flood_awaiting_headers = False
+            self._flood_request_begun = False
+            self._flood_cancel_header_timer()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            # What arrives next is the next request's headers.
+            self._flood_awaiting_headers = True
+            self._flood_header_bytes = 0
+
+        def _flood_arm_header_timer(self) -> None:
+            if self._flood_header_timer is None and not self.transport.is_closing():
+                self._flood_header_timer = self.loop.call_later(
+                    self.flood_header_timeout_s, self._flood_header_timeout
+                )
+
+        def _flood_cancel_header_timer(self) -> None:
+            if self._flood_header_timer is not None:
+                self._flood_header_timer.cancel()
+                self._flood_header_timer = None
+
+        def _flood_header_timeout(self) -> None:
+            self._flood_header_timer = None
+            if self.transport.is_closing():
+                return
+            if self._flood_request_begun:  # a connection that sent nothing is a probe's or a preconnect
+                logger.warning(
+                    "request headers not complete within %ss: connection closed", self.flood_header_timeout_s
+                )
+            self.transport.close()
+
+        def _flood_refuse_headers(self) -> None:
+            logger.warning("request headers over %d bytes: refused with 431", self.flood_max_header_bytes)
+            status, body = _HEADERS_TOO_LARGE
+            content = [status]
+            for name, value in self.server_state.default_headers:
+                content.extend([name, b": ", value, b"\r\n"])
+            content.extend(
+                [
+                    b"content-type: text/plain; charset=utf-8\r\n",
+                    b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+            self.transport.write(b"".join(content))
+            self.transport.close()
+
+    bentoml_internals.serve_http_with(BoundedHttpToolsProtocol)

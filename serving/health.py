@@ -144,3 +144,43 @@ async def check_service(predict_proba: PredictProba | None) -> list[CheckResult]
 
 def is_ready(results: list[CheckResult]) -> bool:
     return not any(r.blocks_readiness for r in results)
+
+
+# The only words a public health answer may contain: statuses and modes. Anything else a
+# report carries as text (driver errors naming hosts, journal paths, problems) is for
+# admin keys only. A whitelist, so a field added later stays private until named here.
+PUBLIC_WORDS = frozenset(
+    {
+        "healthy",
+        "unhealthy",
+        "not_configured",
+        "degraded",
+        "ok",
+        "durable",
+        "async",
+        "fail-open",
+        "fail-closed",
+        # The limiter's store, by scheme alone.
+        "memory",
+        "redis",
+        "rediss",
+        "unix",
+    }
+)
+
+
+def public_view(value: Any) -> Any:
+    """``value`` (a health body) without free text: numbers, booleans and
+    :data:`PUBLIC_WORDS` are kept; other strings, and lists holding any, are dropped."""
+    if isinstance(value, dict):
+        kept = {key: public_view(item) for key, item in value.items()}
+        return {key: item for key, item in kept.items() if item is not _DROPPED}
+    if isinstance(value, list):
+        items = [public_view(item) for item in value]
+        return _DROPPED if any(item is _DROPPED for item in items) else items
+    if isinstance(value, str):
+        return value if value in PUBLIC_WORDS else _DROPPED
+    return value
+
+
+_DROPPED = object()

@@ -38,6 +38,7 @@ class ServingMetrics:
     prediction_latency: Histogram
     batch_size: Histogram
     auth_refusals: Counter
+    auth_throttled: Counter
     rate_limited: Counter
     ratelimit_fallback_decisions: Counter
     ratelimit_redis_failures: Counter
@@ -71,6 +72,10 @@ def get_metrics() -> ServingMetrics:
             "flood_auth_refusals_total",
             "Requests refused for their API key: missing, unknown, revoked, expired, unavailable",
             labelnames=["reason"],
+        ),
+        auth_throttled=Counter(
+            "flood_auth_throttled_total",
+            "Requests refused (429) because their client address failed authentication too often",
         ),
         rate_limited=Counter(
             "flood_rate_limited_total",

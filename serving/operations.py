@@ -14,20 +14,32 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio.to_thread
 from prometheus_client import Counter
 
-from core.errors import AuthenticationError, DependencyUnavailableError, RateLimitedError, TooLargeError
+from core.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    DependencyUnavailableError,
+    RateLimitedError,
+    TooLargeError,
+)
 from core.settings import Settings, get_settings
 from ops.keys import ApiKeyInfo, ApiKeyStore, extract_api_key
 from ops.predictionlog import PredictionGroup, PredictionLog
-from ops.ratelimit import RateLimitDecision, RateLimiter
+from ops.ratelimit import RateLimitDecision, RateLimiter, Window, parse_limits
 from serving.metrics import get_metrics
 
 logger = logging.getLogger(__name__)
+
+# Client addresses this worker remembers as over their failed-auth limit; the oldest are
+# forgotten first, which at worst lets one more guess reach the shared counter.
+_THROTTLED_ADDRESSES = 10_000
 
 
 class _CounterExport:
@@ -56,10 +68,13 @@ class EdgeOperations:
         keys: ApiKeyStore | None,
         limiter: RateLimiter,
         log: PredictionLog,
+        auth_failure_windows: list[Window] | None = None,
     ) -> None:
         self.keys = keys
         self.limiter = limiter
         self.log = log
+        self._auth_failure_windows = auth_failure_windows or parse_limits(get_settings().auth_failure_limit)
+        self._throttled: OrderedDict[str, float] = OrderedDict()  # address -> monotonic until
         metrics = get_metrics()
         self._exports = [
             _CounterExport(lambda: limiter.fallback_decisions, metrics.ratelimit_fallback_decisions),
@@ -81,6 +96,13 @@ class EdgeOperations:
             keys = None
         else:
             keys = ApiKeyStore(settings=settings)
+        try:
+            auth_failure_windows = parse_limits(settings.auth_failure_limit)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"AUTH_FAILURE_LIMIT: cannot parse {settings.auth_failure_limit!r} ({exc}); "
+                'use the form "30/minute;300/hour"'
+            ) from exc
         limiter = RateLimiter(settings=settings)
         log = PredictionLog(settings=settings)
         log.start()
@@ -91,14 +113,19 @@ class EdgeOperations:
             settings.rate_limit_policy,
             settings.effective_database_url.split("://", 1)[0],
         )
-        return cls(keys=keys, limiter=limiter, log=log)
+        return cls(keys=keys, limiter=limiter, log=log, auth_failure_windows=auth_failure_windows)
 
     # -- request path -----------------------------------------------------------------
 
-    async def authenticate(self, headers: Mapping[str, str]) -> ApiKeyInfo | None:
+    async def authenticate(self, headers: Mapping[str, str], *, client: str) -> ApiKeyInfo | None:
         """The request's key, or None when keys are off (bypass); refuses with
-        ``AuthenticationError`` or, when the database is needed and down,
-        ``DependencyUnavailableError``."""
+        ``AuthenticationError``, with ``RateLimitedError`` once ``client`` (its address) has
+        failed AUTH_FAILURE_LIMIT times, or, when the database is needed and down,
+        ``DependencyUnavailableError``.
+
+        A key this worker has cached as valid is answered even for a throttled address
+        (clients behind one NAT share it); any other key from it is refused unchecked.
+        """
         if self.keys is None:
             return None
         raw_key = extract_api_key(headers)
@@ -106,14 +133,49 @@ class EdgeOperations:
             # A cached answer costs microseconds, far less than a hop to the thread pool.
             info = self.keys.verify_cached_key(raw_key)
             if info is None:
+                self._refuse_if_throttled(client)
                 info = await anyio.to_thread.run_sync(self.keys.verify_key, raw_key)
         except AuthenticationError as exc:
             get_metrics().auth_refusals.labels(reason=exc.reason).inc()
+            await self._count_auth_failure(client)
             raise
         except DependencyUnavailableError:
             get_metrics().auth_refusals.labels(reason="unavailable").inc()
             raise
         return info
+
+    def _refuse_if_throttled(self, client: str) -> None:
+        until = self._throttled.get(client)
+        if until is None:
+            return
+        wait_s = until - time.monotonic()
+        if wait_s <= 0:
+            del self._throttled[client]
+            return
+        get_metrics().auth_throttled.inc()
+        raise self._auth_throttle_refusal(wait_s)
+
+    async def _count_auth_failure(self, client: str) -> None:
+        """Charge one failure to ``client``; past the limit, refuse it from now on."""
+        decision = await self.limiter.hit_windows(f"auth-failures:{client}", self._auth_failure_windows)
+        if decision.allowed:
+            return
+        wait_s = float(decision.retry_after or 1)
+        self._throttled[client] = time.monotonic() + wait_s
+        self._throttled.move_to_end(client)
+        while len(self._throttled) > _THROTTLED_ADDRESSES:
+            self._throttled.popitem(last=False)
+        logger.warning("client %s is over its failed-authentication limit for %.0f s", client, wait_s)
+        get_metrics().auth_throttled.inc()
+        raise self._auth_throttle_refusal(wait_s)
+
+    @staticmethod
+    def _auth_throttle_refusal(wait_s: float) -> RateLimitedError:
+        retry_after = str(max(1, round(wait_s)))
+        return RateLimitedError(
+            f"too many failed authentications from this address; retry after {retry_after} s",
+            headers={"Retry-After": retry_after},
+        )
 
     async def charge(self, key: ApiKeyInfo, *, route: str, rows: int) -> dict[str, str]:
         """Take this request's cost from the key's limits; the rate-limit headers to send.

@@ -41,7 +41,7 @@ from serving.api.deps import find_backend
 from serving.api.headers import ResponseHeaders
 from serving.coalescing import RowCoalescer
 from serving.handover import mark_worker_ready
-from serving.hardening import bound_request_metric_labels, escape_access_log
+from serving.hardening import bound_http_requests, bound_request_metric_labels, escape_access_log
 from serving.health import check_service, is_ready
 from serving.memory import tune_garbage_collector
 from serving.metrics import get_metrics, scrape_time_metrics
@@ -135,6 +135,11 @@ edge_app = create_app()
 # The app's documented paths: FastAPI keeps included routers nested, so its route list
 # alone does not name them.
 bound_request_metric_labels([*edge_app.openapi()["paths"], OPENAPI_PATH])
+# Both services' workers: request headers bounded in size and in the time to send them.
+bound_http_requests(
+    max_header_bytes=get_settings().serving_max_header_bytes,
+    header_timeout_s=get_settings().serving_header_timeout_s,
+)
 
 
 @bentoml.asgi_app(edge_app, path="/")
@@ -167,9 +172,9 @@ class FloodRiskAPI:
         self._served = served_model_of(stored)
         self._engine = engine_for(Path(stored.path))
         self._bento_tag = bentoml_internals.current_bento_tag() or "(development)"
+        self._unavailable_reason = self._check_model_files(Path(stored.path))
         self._local_predictor: Predictor | None = None
-        if get_settings().serving_model_in_process:
-            check_model_at_start(Path(stored.path))
+        if get_settings().serving_model_in_process and self._unavailable_reason is None:
             self._local_predictor = Predictor.from_model_dir(
                 Path(stored.path), expected_sha256=self._served.pipeline_sha256
             )
@@ -183,11 +188,27 @@ class FloodRiskAPI:
         )
         tune_garbage_collector()
 
+    @staticmethod
+    def _check_model_files(model_dir: Path) -> str | None:
+        """Why this worker must not answer, or None: its thresholds, labels and version come
+        from the stored model's files, so it checks their signature itself. A worker restarted
+        after the files changed refuses (503, not ready) instead of answering with them, and
+        stays up, so the arbiter does not restart it in a loop."""
+        try:
+            check_model_at_start(model_dir)
+        except FloodError as exc:
+            logger.error("this API worker refuses to serve: %s", exc)
+            # Clients see that it refuses, not the server's paths; the log has the detail.
+            return "the served model failed its integrity check; see the server log"
+        return None
+
     @bentoml.on_startup
     async def announce_ready(self) -> None:
         """Tell ``flood serve --replace`` when this worker can serve (``serving.handover``)."""
 
         async def wait_for_model() -> None:
+            if self._unavailable_reason is not None:
+                return  # never ready: a handover keeps the old server
             while not await self.model.is_ready(5):
                 await asyncio.sleep(0.2)
             mark_worker_ready()
@@ -231,10 +252,16 @@ class FloodRiskAPI:
         return self._engine
 
     @property
+    def unavailable_reason(self) -> str | None:
+        return self._unavailable_reason
+
+    @property
     def bento_tag(self) -> str:
         return self._bento_tag
 
     async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        if self._unavailable_reason is not None:
+            raise ModelUnavailableError(self._unavailable_reason)
         if self._coalescer is None:
             return await self._call_model(raw)
         return await self._coalescer.predict(raw)

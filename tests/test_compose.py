@@ -25,7 +25,14 @@ from serving.metrics import BackupMetricsCollector
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-SECRETS = ("BENTO_TAG", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY", "MODEL_SIGNING_KEY")
+SECRETS = (
+    "BENTO_TAG",
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "SECRET_KEY",
+    "MODEL_SIGNING_KEY",
+    "BACKUP_SIGNING_KEY",
+)
 FLOOD_SERVICES = ("bento", "migrate", "worker", "beat")
 ONE_SHOT = ("migrate",)
 # What an operator would put in .env: random enough to pass the production checks.
@@ -35,6 +42,7 @@ ENVIRONMENT = {
     "REDIS_PASSWORD": "0d9c8b7a6f5e4d3c2b1a0f9e8d7c6b5a",
     "SECRET_KEY": "Vq3nH8xK2pLm9RtY6wZb4Cd7Fg1Js5Ne0Ua-Xo_Ik",
     "MODEL_SIGNING_KEY": "pT7vR2mW9qL4xN8cB3hJ6kF1sD5gZ0yA-Eu_Io",
+    "BACKUP_SIGNING_KEY": "hY4kQ9wN2rT7vB1xM6cL3pZ8dF5gJ0sA-Wq_Ke",
 }
 VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 

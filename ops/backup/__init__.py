@@ -2,10 +2,12 @@
 
 PostgreSQL is dumped with ``pg_dump`` inside an exported snapshot (:mod:`ops.backup.postgres`),
 SQLite is copied with the online backup API (:mod:`ops.backup.sqlite`). Every backup file has
-a manifest beside it, written last (:mod:`ops.backup.catalogue`).
+a manifest beside it, written last (:mod:`ops.backup.catalogue`) and signed with
+BACKUP_SIGNING_KEY when it is set (:mod:`ops.backup.signature`).
 
-``verify`` checks the sha256 and restores into a scratch database, comparing row counts with
-the manifest; ``restore`` refuses what fails verify and takes a safety backup first. Failures
+``verify`` checks the manifest's signature and the file's sha256, then restores into a
+scratch database, comparing row counts with the manifest; ``restore`` refuses what fails
+verify, checking the signature before anything else, and takes a safety backup first. Failures
 are counted in ``state.json`` beside the backups; ``serving.metrics.BackupMetricsCollector``
 turns the catalogue and that file into Prometheus gauges.
 """
@@ -43,6 +45,7 @@ from ops.backup.catalogue import (
     select_expired,
     write_atomically,
 )
+from ops.backup.signature import authenticate_manifest, backup_signing_key, sign_manifest
 
 if TYPE_CHECKING:
     from ops.backup.engine import Backend
@@ -76,6 +79,8 @@ class VerifyReport:
     path: Path
     manifest: BackupManifest
     restored_rows: dict[str, int]
+    # False: no BACKUP_SIGNING_KEY here, so the manifest could have been forged.
+    authenticated: bool
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class RestoreReport:
     manifest: BackupManifest
     safety_backup: BackupManifest
     restored_rows: dict[str, int]
+    authenticated: bool
     # Tables whose count differs from the manifest right after the restore: only possible
     # when something wrote to the database meanwhile.
     differences: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -109,12 +115,22 @@ def run_backup(*, kind: BackupKind = "full", settings: Settings | None = None) -
 
 
 def verify_backup(path: Path, *, settings: Settings | None = None) -> VerifyReport:
-    """Check the file's sha256, restore it into a scratch database and compare row counts.
+    """Check the manifest's signature and the file's sha256, restore it into a scratch
+    database and compare row counts.
 
     Raises :class:`BackupError` with the reason when anything does not match.
     """
     settings = settings or get_settings()
+    manifest, authenticated = _read_manifest(path, settings)
+    return _verify(path, manifest, authenticated=authenticated, settings=settings)
+
+
+def _read_manifest(path: Path, settings: Settings) -> tuple[BackupManifest, bool]:
     manifest = manifest_for(path)
+    return manifest, authenticate_manifest(manifest, key=backup_signing_key(settings))
+
+
+def _verify(path: Path, manifest: BackupManifest, *, authenticated: bool, settings: Settings) -> VerifyReport:
     size = path.stat().st_size
     if size != manifest.size_bytes:
         raise BackupError(
@@ -135,19 +151,26 @@ def verify_backup(path: Path, *, settings: Settings | None = None) -> VerifyRepo
     if wrong:
         detail = ", ".join(f"{t}: manifest {a}, restored {b}" for t, (a, b) in sorted(wrong.items()))
         raise BackupError(f"{path.name} restored with different row counts ({detail})")
-    logger.info("verified %s: %d tables, sha256 ok", path.name, len(restored))
-    return VerifyReport(path=path, manifest=manifest, restored_rows=restored)
+    logger.info(
+        "verified %s: %d tables, sha256 ok, %s",
+        path.name,
+        len(restored),
+        "signature ok" if authenticated else "manifest not authenticated",
+    )
+    return VerifyReport(path=path, manifest=manifest, restored_rows=restored, authenticated=authenticated)
 
 
 def restore_backup(path: Path, *, settings: Settings | None = None) -> RestoreReport:
     """Replace the database's contents with ``path`` after verifying it and backing up the
     current state. Asking for confirmation is the caller's job."""
     settings = settings or get_settings()
+    # The signature first: a forged manifest must not reach the database, a scratch restore
+    # or the safety backup (which would take a retention slot from a real one).
+    manifest, authenticated = _read_manifest(path, settings)
     backend = _backend(settings)
-    manifest = manifest_for(path)
     if backend.engine != manifest.engine:
         raise BackupError(f"{path.name} is a {manifest.engine} backup but DATABASE_URL is {backend.engine}")
-    report = verify_backup(path, settings=settings)
+    report = _verify(path, manifest, authenticated=authenticated, settings=settings)
     safety = run_backup(kind="safety", settings=settings)
     logger.info("safety backup %s taken before restoring %s", safety.file, path.name)
     backend.restore(path)
@@ -160,6 +183,7 @@ def restore_backup(path: Path, *, settings: Settings | None = None) -> RestoreRe
         manifest=report.manifest,
         safety_backup=safety,
         restored_rows=restored,
+        authenticated=authenticated,
         differences=differences,
     )
 
@@ -223,14 +247,18 @@ def _run_backup(kind: BackupKind, settings: Settings) -> BackupManifest:
         tables=tables,
         tool=tool,
     )
+    key = backup_signing_key(settings)
+    if key is not None:
+        manifest = sign_manifest(manifest, key)
     write_atomically(directory / manifest_name(final.name), manifest.to_json())
     logger.info(
-        "%s backup %s: %d bytes, %d tables, %.1f s",
+        "%s backup %s: %d bytes, %d tables, %.1f s, %s",
         kind,
         final.name,
         manifest.size_bytes,
         len(tables),
         manifest.duration_seconds,
+        "signed" if key is not None else "unsigned (BACKUP_SIGNING_KEY is not set)",
     )
     return manifest
 

@@ -1,7 +1,8 @@
 """The backup catalogue: the manifests beside the backup files and the failure state file.
 
 Every backup file has a manifest beside it (``flood_<UTC time>_<kind>.manifest.json``): kind,
-tables with row counts, sha256, size, duration and the Alembic revision. The manifest is
+tables with row counts, sha256, size, duration, the Alembic revision and, with
+BACKUP_SIGNING_KEY, an HMAC over all of these (:mod:`ops.backup.signature`). The manifest is
 written last, so a file without one is an unfinished or foreign file and is never trusted.
 Failures are counted in ``state.json`` beside the backups.
 
@@ -35,7 +36,8 @@ STATE_FILE = "state.json"
 PREFIX = "flood_"
 PARTIAL_SUFFIX = ".partial"
 _TIME_FORMAT = "%Y%m%dT%H%M%SZ"
-_FORMAT_VERSION = 1
+# 2 added ``signature``; format 1 manifests still read, as unsigned ones.
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class BackupManifest:
     tables: dict[str, int]
     tool: str
     format_version: int = _FORMAT_VERSION
+    # HMAC-SHA256 over every other field (ops.backup.signature); None: made without a key.
+    signature: str | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -80,6 +84,9 @@ class BackupManifest:
             or manifest_name(manifest.file) != path.name
         ):
             raise BackupError(f"manifest {path} names {manifest.file!r}, which is not its own backup file")
+        # JSON could hold any type here; hmac.compare_digest must only ever see a str.
+        if manifest.signature is not None and not isinstance(manifest.signature, str):
+            raise BackupError(f"manifest {path} has a signature that is not a string")
         return manifest
 
 

@@ -8,6 +8,7 @@ and a body is read no further than its limit before it is parsed. Every dependen
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import time
@@ -53,6 +54,11 @@ class ModelBackend(Protocol):
     def engine(self) -> str: ...
 
     @property
+    def unavailable_reason(self) -> str | None:
+        """Why this worker refuses every model request (its model failed a check), or None."""
+        ...
+
+    @property
     def operations(self) -> EdgeOperations | None:
         """Keys, limits and the prediction log; None runs the edge without them (tests)."""
         ...
@@ -76,6 +82,8 @@ async def current_backend() -> ModelBackend:
     backend = find_backend()
     if backend is None:
         raise ModelUnavailableError("model is not loaded yet")
+    if backend.unavailable_reason is not None:
+        raise ModelUnavailableError(backend.unavailable_reason)
     return backend
 
 
@@ -125,12 +133,31 @@ DocumentedKey = Annotated[str | None, Security(api_key_scheme)]
 DocumentedBearer = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
 
 
+def client_address(request: Request) -> str:
+    """Who sent the request, for limits on failed authentication: with TRUSTED_PROXY_HOPS
+    proxies in front, the address the outermost one saw (each appends its peer to
+    X-Forwarded-For, so the last hops entries are theirs); otherwise the peer. An entry that
+    is not an IP address (forged, or a proxy that writes names) falls back to the peer."""
+    peer = request.client.host if request.client is not None else "unknown"
+    hops = get_settings().trusted_proxy_hops
+    if hops == 0:
+        return peer
+    forwarded = [part.strip() for part in ",".join(request.headers.getlist("x-forwarded-for")).split(",")]
+    forwarded = [part for part in forwarded if part]
+    if len(forwarded) < hops:
+        return peer
+    try:
+        return str(ipaddress.ip_address(forwarded[-hops]))
+    except ValueError:
+        return peer
+
+
 async def authenticate(request: Request, backend: Backend) -> ApiKeyInfo | None:
     """The request's verified key; None when the edge runs without keys (bypass)."""
     operations = backend.operations
     if operations is None:
         return None
-    info = await operations.authenticate(request.headers)
+    info = await operations.authenticate(request.headers, client=client_address(request))
     request.state.key_id = info.key_id if info is not None else None
     return info
 

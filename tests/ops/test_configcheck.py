@@ -14,6 +14,7 @@ from ops.configcheck import enforce_config, find_config_problems
 
 GOOD_SECRET = secrets.token_urlsafe(48)
 GOOD_SIGNING_KEY = secrets.token_urlsafe(48)
+GOOD_BACKUP_KEY = secrets.token_urlsafe(48)
 
 
 @pytest.fixture
@@ -23,6 +24,7 @@ def production(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg2://flood@db:5432/flood")
     monkeypatch.setenv("REDIS_URL", "redis://:pw@redis:6379/0")
     monkeypatch.setenv("MODEL_SIGNING_KEY", GOOD_SIGNING_KEY)
+    monkeypatch.setenv("BACKUP_SIGNING_KEY", GOOD_BACKUP_KEY)
     get_settings.cache_clear()
     return monkeypatch
 
@@ -52,6 +54,9 @@ def test_a_sound_production_configuration_passes(production: pytest.MonkeyPatch)
         ("REDIS_URL", None),
         ("MODEL_SIGNING_KEY", None),
         ("MODEL_SIGNING_KEY", "x"),
+        ("BACKUP_SIGNING_KEY", None),
+        ("BACKUP_SIGNING_KEY", ""),
+        ("BACKUP_SIGNING_KEY", "backup-key"),
     ],
 )
 def test_each_refusal_names_its_variable_and_fix(
@@ -110,10 +115,11 @@ def test_cli_exit_code_follows_the_environment(production: pytest.MonkeyPatch) -
         "0123456789abcdef0123456789abcdef",  # a sequence, repeated
     ],
 )
-def test_weak_secrets_are_refused_for_both_keys(production: pytest.MonkeyPatch, weak: str) -> None:
-    for variable in ("SECRET_KEY", "MODEL_SIGNING_KEY"):
+def test_weak_secrets_are_refused_for_every_key(production: pytest.MonkeyPatch, weak: str) -> None:
+    for variable in ("SECRET_KEY", "MODEL_SIGNING_KEY", "BACKUP_SIGNING_KEY"):
         production.setenv("SECRET_KEY", GOOD_SECRET)
         production.setenv("MODEL_SIGNING_KEY", GOOD_SIGNING_KEY)
+        production.setenv("BACKUP_SIGNING_KEY", GOOD_BACKUP_KEY)
         production.setenv(variable, weak)
         assert variables("real") == [variable], (variable, weak)
 
@@ -157,3 +163,27 @@ def test_model_signatures_are_required_by_default_in_production_only(monkeypatch
     monkeypatch.setenv("REQUIRE_MODEL_SIGNATURE", "false")
     get_settings.cache_clear()
     assert get_settings().signature_required is False
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("value", [None, "", "backup-signing-key-changeme-0123456789"])
+def test_production_refuses_a_missing_or_weak_backup_signing_key(
+    production: pytest.MonkeyPatch, value: str | None
+) -> None:
+    # Without a strong key a forged dump with a matching manifest passes verify and restore.
+    if value is None:
+        production.delenv("BACKUP_SIGNING_KEY")
+    else:
+        production.setenv("BACKUP_SIGNING_KEY", value)
+    get_settings.cache_clear()
+    (problem,) = find_config_problems(model_data_source="real")
+    assert problem.variable == "BACKUP_SIGNING_KEY"
+    assert ("forged" in problem.problem) if not value else ("not a strong random secret" in problem.problem)
+    assert "flood backup run" in problem.fix
+    with pytest.raises(ConfigurationError, match="BACKUP_SIGNING_KEY"):
+        enforce_config(model_data_source="real")
+    # Development reports the same rule but does not refuse.
+    production.setenv("FLOOD_ENV", "development")
+    get_settings.cache_clear()
+    assert "BACKUP_SIGNING_KEY" in variables("real")
+    enforce_config(model_data_source="real")

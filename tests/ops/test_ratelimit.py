@@ -51,6 +51,7 @@ def test_default_tiers_match_the_issue() -> None:
         "basic": "20/minute",
         "pro": "100/minute",
         "enterprise": "500/minute",
+        "admin": "60/minute",  # the keys that see health in full (HEALTH_DETAIL_TIERS)
     }
 
 

@@ -118,7 +118,8 @@ def durable(built_home: BuiltHome, tmp_path_factory: pytest.TempPathFactory) -> 
             secret_key=SecretStr(secret),
             rate_limit_tiers=TEST_TIERS,
         )
-        key = ApiKeyStore(settings=home, cache_seconds=0).create_key("durable", "load").raw_key
+        # An admin key: /health/detailed shows it the prediction log's errors.
+        key = ApiKeyStore(settings=home, cache_seconds=0).create_key("durable", "admin").raw_key
         env = {
             "SECRET_KEY": secret,
             "DATABASE_URL": home.effective_database_url,
@@ -231,7 +232,8 @@ def test_a_read_only_database_for_5_s_loses_nothing(durable: Durable) -> None:
     _set_read_only(d, True)
     try:
         time.sleep(5)
-        during = httpx.get(f"{d.url}/health/detailed", timeout=10).json()["operations"]["prediction_log"]
+        detailed = httpx.get(f"{d.url}/health/detailed", headers={"X-API-Key": d.key}, timeout=10)
+        during = detailed.json()["operations"]["prediction_log"]
     finally:
         _set_read_only(d, False)
     restored = time.monotonic()

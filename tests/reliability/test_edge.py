@@ -224,10 +224,11 @@ def test_production_refuses_to_start_with_auth_bypass(built_home: BuiltHome) -> 
         "SECRET_KEY": secrets.token_urlsafe(48),
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "MODEL_SIGNING_KEY": secrets.token_urlsafe(48),
+        "BACKUP_SIGNING_KEY": secrets.token_urlsafe(48),
     }
     stderr = expect_refusal(built_home.bentos[max(built_home.bentos)], built_home.settings, env)
     assert "AUTH_BYPASS_ENABLED" in stderr
-    for settled in ("DATABASE_URL", "SECRET_KEY", "REDIS_URL", "MODEL_SIGNING_KEY"):
+    for settled in ("DATABASE_URL", "SECRET_KEY", "REDIS_URL", "MODEL_SIGNING_KEY", "BACKUP_SIGNING_KEY"):
         assert f"{settled}:" not in stderr, stderr
 
 

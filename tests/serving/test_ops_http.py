@@ -59,6 +59,7 @@ DAY = {"temperature": 28, "humidity": 85, "rainfall": 50}
 SIGNING_KEY = "model-signing-key-for-serving-tests-0123456789"
 # Long enough that a key verified before a database cut stays cached through it.
 KEY_CACHE_S = "120"
+AUTH_FAILURES_PER_MINUTE = 20
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,10 @@ def deployment(
         "REQUIRE_MODEL_SIGNATURE": "true",
         "MODEL_SIGNING_KEY": SIGNING_KEY,
         "API_KEY_CACHE_SECONDS": KEY_CACHE_S,
+        "AUTH_FAILURE_LIMIT": f"{AUTH_FAILURES_PER_MINUTE}/minute",
+        # The tests play clients behind one proxy by sending X-Forwarded-For; without it
+        # the peer (127.0.0.1) counts.
+        "TRUSTED_PROXY_HOPS": "1",
     }
     env_a = {
         **common,
@@ -242,6 +247,67 @@ def test_health_and_metrics_need_no_key(deployment: OpsDeployment) -> None:
             assert detailed["operations"]["rate_limiter"]["backend"] == "redis"
 
 
+def metric_value(text_format: str, name: str, labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (``reason="unknown"``)."""
+    pattern = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.MULTILINE)
+    return sum(float(m.group(2)) for m in pattern.finditer(text_format) if labels in m.group(1))
+
+
+def guessed_key() -> str:
+    return f"fnq_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def within_one_minute_window(requests: int) -> None:
+    """Wait, if need be, so ``requests`` quick requests fall in one minute of Redis's clock:
+    across a boundary the sliding window still counts part of the last minute, and exact
+    counts would depend on where the boundary fell."""
+    if time.time() % 60 > 60 - max(5.0, requests * 0.1):
+        time.sleep(60 - time.time() % 60 + 0.5)
+
+
+@pytest.mark.security
+def test_failed_authentication_is_limited_per_client_address(deployment: OpsDeployment) -> None:
+    """Random keys from one address: each used to cost a database lookup, without end (6,073
+    in 8 s). Now the address gets AUTH_FAILURE_LIMIT 401s across both workers and replicas'
+    shared Redis, then 429 with no lookup; keys already verified keep working from it."""
+    b = deployment.b
+    known = {"X-API-Key": deployment.key()}
+    # A documentation range, random per run: the counters outlive the test in Redis.
+    address = f"198.51.100.{secrets.randbelow(254) + 1}"
+    assert post(b, {**known, "X-Forwarded-For": address}).status_code == 200  # now cached
+    guesses = 3 * AUTH_FAILURES_PER_MINUTE
+    within_one_minute_window(guesses)
+    before = httpx.get(f"{b.url}/metrics", timeout=10).text
+    answers = [post(b, {"X-API-Key": guessed_key(), "X-Forwarded-For": address}) for _ in range(guesses)]
+    after = httpx.get(f"{b.url}/metrics", timeout=10).text
+    codes = [answer.status_code for answer in answers]
+    lookups = metric_value(after, "flood_auth_refusals_total", 'reason="unknown"') - metric_value(
+        before, "flood_auth_refusals_total", 'reason="unknown"'
+    )
+    throttled = metric_total(after, "flood_auth_throttled_total") - metric_total(
+        before, "flood_auth_throttled_total"
+    )
+    print(
+        f"\n[auth flood] {guesses} random keys from one address: {codes.count(401)} x 401, "
+        f"{codes.count(429)} x 429, {lookups:.0f} refused after a lookup, {throttled:.0f} throttled"
+    )
+    assert codes.count(401) == AUTH_FAILURES_PER_MINUTE, codes
+    assert codes.count(429) == guesses - AUTH_FAILURES_PER_MINUTE, codes
+    refused = next(answer for answer in answers if answer.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "failed authentications" in refused.json()["error"]["message"]
+    # Each worker looks a key up once more before it learns the address is over its limit.
+    assert AUTH_FAILURES_PER_MINUTE <= lookups <= AUTH_FAILURES_PER_MINUTE + 2, lookups
+    assert throttled == guesses - AUTH_FAILURES_PER_MINUTE
+    assert post(b, {**known, "X-Forwarded-For": address}).status_code == 200
+    # One trusted hop: the proxy appended the last entry, so entries before it are the
+    # client's own words. Prepending an address neither escapes the limit nor moves it.
+    spoofed = post(b, {"X-API-Key": guessed_key(), "X-Forwarded-For": f"203.0.113.10, {address}"})
+    assert spoofed.status_code == 429, spoofed.text
+    blamed = post(b, {"X-API-Key": guessed_key(), "X-Forwarded-For": f"{address}, 203.0.113.9"})
+    assert blamed.status_code == 401, blamed.text
+
+
 # -- rate limits ------------------------------------------------------------------------
 
 
@@ -308,6 +374,36 @@ def test_fail_open_serves_without_redis_and_reports_degraded(deployment: OpsDepl
         after = httpx.get(f"{a.url}/metrics", timeout=10).text
         for name in ("flood_ratelimit_fallback_decisions_total", "flood_ratelimit_redis_failures_total"):
             assert metric_total(after, name) > metric_total(before, name), name
+    finally:
+        deployment.redis_proxy_a.start()
+    wait_until(
+        lambda: httpx.get(f"{a.url}/health/detailed", timeout=10).json()["status"] == "healthy",
+        timeout_s=15,
+        what="server A healthy again once Redis is back",
+    )
+
+
+@pytest.mark.security
+def test_public_health_names_no_hosts_or_errors_and_admin_keys_see_them(deployment: OpsDeployment) -> None:
+    a = deployment.a
+    admin = {"X-API-Key": deployment.key("admin")}
+    plain = {"X-API-Key": deployment.key()}
+    deployment.redis_proxy_a.stop()
+    try:
+        for path in ("/health/detailed", "/health/ready"):
+            for headers in ({}, plain):
+                public = httpx.get(f"{a.url}{path}", headers=headers, timeout=10)
+                text = public.text
+                assert "127.0.0.1" not in text and str(deployment.redis_proxy_a.port) not in text, text
+                assert "Error" not in text and "detail" not in text, text
+                redis = public.json()["checks"]["redis"]
+                assert redis["status"] == "unhealthy" and redis["latency_ms"] >= 0, redis
+            full = httpx.get(f"{a.url}{path}", headers=admin, timeout=10).json()
+            assert str(deployment.redis_proxy_a.port) in full["checks"]["redis"]["detail"], full
+        full = httpx.get(f"{a.url}/health/detailed", headers=admin, timeout=10).json()
+        assert full["operations"]["rate_limiter"]["last_error"], full
+        bad = httpx.get(f"{a.url}/health/detailed", headers={"X-API-Key": guessed_key()}, timeout=10)
+        assert bad.status_code == 401, bad.text
     finally:
         deployment.redis_proxy_a.start()
     wait_until(

@@ -96,7 +96,7 @@ def test_metrics_collector_survives_a_missing_backup_dir(tmp_path: Path) -> None
 
 def test_scraping_the_catalogue_loads_no_backup_engine(settings: Settings) -> None:
     # /metrics reads the catalogue at every scrape; the engines (SQLAlchemy, Alembic) are the
-    # backup run's, not the API workers'.
+    # backup run's, not the API workers'. (ops.backup.signature is hmac and json only.)
     code = (
         "import sys; from serving.metrics import scrape_time_metrics; scrape_time_metrics(); "
         "print(sorted(m for m in sys.modules if m.startswith('ops.backup.')))"
@@ -105,7 +105,7 @@ def test_scraping_the_catalogue_loads_no_backup_engine(settings: Settings) -> No
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
-    assert result.stdout.strip() == "['ops.backup.catalogue']"
+    assert result.stdout.strip() == "['ops.backup.catalogue', 'ops.backup.signature']"
 
 
 def test_resolve_backup_explains_what_is_missing(settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""Backups of the real PostgreSQL: pg_dump/pg_restore round trip, verify, snapshot consistency."""
+"""Backups of the real PostgreSQL: pg_dump/pg_restore round trip, verify, snapshot consistency,
+authenticated manifests."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from core.settings import Settings, get_settings
 from ops.backup import list_backups, restore_backup, run_backup, verify_backup
 from ops.migrations import head_revision
 from tests.conftest import POSTGRES_URL
-from tests.ops.backup.support import insert_rows, table_counts, upgraded_postgres_database
+from tests.ops.backup.support import (
+    create_revoked_key,
+    insert_rows,
+    key_state,
+    reinstate_key_sql,
+    rewrite_manifest,
+    table_counts,
+    upgraded_postgres_database,
+    use_backup_key,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -130,3 +140,76 @@ def test_unreachable_server_is_a_clear_failure(settings: Settings, monkeypatch: 
     get_settings.cache_clear()
     with pytest.raises(BackupError, match="cannot read database 'flood'"):
         run_backup()
+
+
+def execute(url: str, sql: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(sql))
+    engine.dispose()
+
+
+@pytest.mark.security
+def test_a_forged_dump_is_refused_and_the_revoked_key_stays_revoked(
+    pg_url: str, settings: Settings, backup_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_id = create_revoked_key(pg_url)
+    # The attacker's dump: a real pg_dump of the database with the key reinstated at
+    # enterprise tier, and the manifest that goes with it, made where the key is not set.
+    execute(pg_url, reinstate_key_sql(key_id))
+    use_backup_key(monkeypatch, None)
+    forged = settings.backup_dir / run_backup().file
+    use_backup_key(monkeypatch, "attacker's own key")
+    resigned = settings.backup_dir / run_backup().file
+    execute(pg_url, f"UPDATE api_keys SET revoked_at = now(), tier = 'free' WHERE prefix = '{key_id}'")
+    use_backup_key(monkeypatch, backup_key)
+    before = table_counts(pg_url)
+    scratch_before = scratch_databases()
+
+    with pytest.raises(BackupError, match="is not signed but BACKUP_SIGNING_KEY is set"):
+        verify_backup(forged)
+    with pytest.raises(BackupError, match="is not signed but BACKUP_SIGNING_KEY is set"):
+        restore_backup(forged)
+    with pytest.raises(BackupError, match="does not match its signature"):
+        restore_backup(resigned)
+
+    assert key_state(pg_url, key_id) == ("free", True)
+    assert table_counts(pg_url) == before
+    assert scratch_databases() == scratch_before
+    assert {m.kind for m in list_backups()} == {"full"}  # no safety backup
+
+
+@pytest.mark.security
+def test_a_signed_dump_restores_and_any_change_or_another_key_is_refused(
+    pg_url: str, settings: Settings, backup_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = run_backup()
+    backup = settings.backup_dir / manifest.file
+    assert manifest.signature is not None
+    assert verify_backup(backup).authenticated is True
+
+    before = table_counts(pg_url)
+    insert_rows(pg_url, keys=3, predictions=10)
+    report = restore_backup(backup)
+    assert report.authenticated is True and report.safety_backup.signature is not None
+    assert table_counts(pg_url) == before
+
+    original = backup.read_bytes()
+    rewrite_manifest(backup, lambda d: d["tables"].update(api_keys=d["tables"]["api_keys"] + 1))
+    with pytest.raises(BackupError, match="does not match its signature"):
+        restore_backup(backup)
+    rewrite_manifest(backup, lambda d: d["tables"].update(api_keys=d["tables"]["api_keys"] - 1))
+    altered = bytearray(original)
+    altered[len(altered) // 2] ^= 0x01
+    backup.write_bytes(bytes(altered))
+    with pytest.raises(BackupError, match="altered"):
+        restore_backup(backup)
+    backup.write_bytes(original)
+
+    use_backup_key(monkeypatch, backup_key[::-1])
+    with pytest.raises(BackupError, match="signed with another BACKUP_SIGNING_KEY"):
+        restore_backup(backup)
+    assert table_counts(pg_url) == before
+    assert [m.kind for m in list_backups()].count("safety") == 1  # only the real restore's
+    use_backup_key(monkeypatch, backup_key)
+    assert verify_backup(backup).restored_rows == before

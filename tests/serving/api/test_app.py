@@ -40,6 +40,7 @@ class LocalBackend:
     engine: str
     bento_tag: str = "flood_risk:in-process"
     operations: EdgeOperations | None = None
+    unavailable_reason: str | None = None
 
     async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
         return self.predictor.predict_proba(raw)
