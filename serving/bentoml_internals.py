@@ -79,4 +79,3 @@ def serve_http_with(protocol: type) -> None:
     ``api_worker``) speaks HTTP/1.1 through ``protocol``. Call it before the worker's server
     starts, i.e. where the service is defined: uvicorn resolves "auto" when it starts."""
     resolve("uvicorn_auto_http").AutoHTTPProtocol = protocol
-
