@@ -158,15 +158,20 @@ def parse_tiers(settings: Settings) -> dict[str, list[Window]]:
     """Every configured tier's limits, shortest window first; bad notation fails at start."""
     tiers: dict[str, list[Window]] = {}
     for name, notation in {**settings.rate_limit_tiers, "": settings.rate_limit_default}.items():
-        try:
-            tiers[name] = parse_limits(notation)
-        except ValueError as exc:
-            variable = "RATE_LIMIT_DEFAULT" if name == "" else "RATE_LIMIT_TIERS"
-            raise ConfigurationError(
-                f"{variable}: cannot parse {notation!r} for tier {name or 'default'} ({exc}); "
-                'use the form "5/minute;100/hour"'
-            ) from exc
+        variable = "RATE_LIMIT_DEFAULT" if name == "" else "RATE_LIMIT_TIERS"
+        tiers[name] = parse_limit_setting(variable, notation, subject=f"tier {name or 'default'}")
     return tiers
+
+
+def parse_limit_setting(variable: str, notation: str, *, subject: str = "") -> list[Window]:
+    """:func:`parse_limits` for a setting: bad notation fails at start, naming ``variable``."""
+    try:
+        return parse_limits(notation)
+    except ValueError as exc:
+        where = f" for {subject}" if subject else ""
+        raise ConfigurationError(
+            f'{variable}: cannot parse {notation!r}{where} ({exc}); use the form "5/minute;100/hour"'
+        ) from exc
 
 
 def _decide(windows: Sequence[Window], answer: Sequence[int], cost: int) -> RateLimitDecision:

@@ -169,6 +169,9 @@ PUBLIC_WORDS = frozenset(
 )
 
 
+_DROPPED = object()
+
+
 def public_view(value: Any) -> Any:
     """``value`` (a health body) without free text: numbers, booleans and
     :data:`PUBLIC_WORDS` are kept; other strings, and lists holding any, are dropped."""
@@ -181,6 +184,3 @@ def public_view(value: Any) -> Any:
     if isinstance(value, str):
         return value if value in PUBLIC_WORDS else _DROPPED
     return value
-
-
-_DROPPED = object()

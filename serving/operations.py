@@ -22,17 +22,11 @@ from typing import Any
 import anyio.to_thread
 from prometheus_client import Counter
 
-from core.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    DependencyUnavailableError,
-    RateLimitedError,
-    TooLargeError,
-)
+from core.errors import AuthenticationError, DependencyUnavailableError, RateLimitedError, TooLargeError
 from core.settings import Settings, get_settings
 from ops.keys import ApiKeyInfo, ApiKeyStore, extract_api_key
 from ops.predictionlog import PredictionGroup, PredictionLog
-from ops.ratelimit import RateLimitDecision, RateLimiter, Window, parse_limits
+from ops.ratelimit import RateLimitDecision, RateLimiter, Window, parse_limit_setting
 from serving.metrics import get_metrics
 
 logger = logging.getLogger(__name__)
@@ -68,12 +62,12 @@ class EdgeOperations:
         keys: ApiKeyStore | None,
         limiter: RateLimiter,
         log: PredictionLog,
-        auth_failure_windows: list[Window] | None = None,
+        auth_failure_windows: list[Window],
     ) -> None:
         self.keys = keys
         self.limiter = limiter
         self.log = log
-        self._auth_failure_windows = auth_failure_windows or parse_limits(get_settings().auth_failure_limit)
+        self._auth_failure_windows = auth_failure_windows
         self._throttled: OrderedDict[str, float] = OrderedDict()  # address -> monotonic until
         metrics = get_metrics()
         self._exports = [
@@ -96,13 +90,7 @@ class EdgeOperations:
             keys = None
         else:
             keys = ApiKeyStore(settings=settings)
-        try:
-            auth_failure_windows = parse_limits(settings.auth_failure_limit)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"AUTH_FAILURE_LIMIT: cannot parse {settings.auth_failure_limit!r} ({exc}); "
-                'use the form "30/minute;300/hour"'
-            ) from exc
+        auth_failure_windows = parse_limit_setting("AUTH_FAILURE_LIMIT", settings.auth_failure_limit)
         limiter = RateLimiter(settings=settings)
         log = PredictionLog(settings=settings)
         log.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,19 @@ IN_CI = os.environ.get("CI") == "true"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POSTGRES_URL = os.environ.get("FLOOD_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("FLOOD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def run_flood(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """The `flood` console entry point in-process: what a user gets (domain errors as
+    `error: ...` and exit 1), minus the interpreter start. Its exit code."""
+    from cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["flood", *args])
+    try:
+        run()
+    except SystemExit as stopped:
+        return int(stopped.code or 0)
+    return 0
 
 
 def port_open(host: str, port: int) -> bool:

@@ -11,21 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 import registry
-from cli.main import app, run
+from cli.main import app
 from core.settings import Settings
+from tests.conftest import run_flood
 from tests.registry.training_results import labelled
 
 FLOOD = Path(sys.executable).with_name("flood")
-
-
-def _run_flood(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """The console entry point in-process: what a user gets, minus the interpreter start."""
-    monkeypatch.setattr(sys, "argv", ["flood", *args])
-    try:
-        run()
-    except SystemExit as stopped:
-        return int(stopped.code or 0)
-    return 0
 
 
 def test_list_show_compare_promote_rollback(settings: Settings) -> None:
@@ -83,19 +74,19 @@ def test_unknown_version_is_one_line_error(
 ) -> None:
     registry.log_training_run(labelled())
     capsys.readouterr()
-    assert _run_flood(["models", "show", "99"], monkeypatch) == 1
+    assert run_flood(["models", "show", "99"], monkeypatch) == 1
     err = capsys.readouterr().err
     assert f"error: model '{settings.flood_model_name}' has no version 99" in err
     assert "Traceback" not in err
 
-    assert _run_flood(["models", "promote", "99"], monkeypatch) == 1
+    assert run_flood(["models", "promote", "99"], monkeypatch) == 1
     assert "has no version 99" in capsys.readouterr().err
 
 
 def test_no_champion_yet_is_one_line_error(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run_flood(["models", "rollback"], monkeypatch) == 1
+    assert run_flood(["models", "rollback"], monkeypatch) == 1
     err = capsys.readouterr().err
     assert "error: model 'flood-risk' has no champion yet" in err
     assert "Traceback" not in err
@@ -106,12 +97,12 @@ def test_synthetic_promotion_needs_flag(
 ) -> None:
     registry.log_training_run(labelled(data_source="synthetic"))
     capsys.readouterr()
-    assert _run_flood(["models", "promote", "1"], monkeypatch) == 1
+    assert run_flood(["models", "promote", "1"], monkeypatch) == 1
     err = capsys.readouterr().err
     assert "synthetic" in err and "--allow-synthetic" in err
     assert "Traceback" not in err
 
-    assert _run_flood(["models", "promote", "1", "--allow-synthetic"], monkeypatch) == 0
+    assert run_flood(["models", "promote", "1", "--allow-synthetic"], monkeypatch) == 0
     assert "champion: flood-risk v1" in capsys.readouterr().out
 
 

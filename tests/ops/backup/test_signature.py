@@ -8,14 +8,12 @@ import contextlib
 import json
 import logging
 import sqlite3
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cli.main import run
 from core.checksum import sha256_file
 from core.errors import BackupError
 from core.settings import Settings, get_settings
@@ -24,6 +22,7 @@ from ops.backup.catalogue import BackupManifest, free_name, manifest_name
 from ops.backup.signature import sign_manifest
 from ops.backup.sqlite import SqliteBackend
 from ops.migrations import head_revision
+from tests.conftest import run_flood
 from tests.ops.backup.support import (
     create_revoked_key,
     key_state,
@@ -71,16 +70,6 @@ def forge_sqlite_backup(settings: Settings, sql: str, *, signing_key: bytes | No
         manifest = sign_manifest(manifest, signing_key)
     manifest_path(dump).write_text(manifest.to_json())
     return dump
-
-
-def run_flood(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
-    """The console entry point in-process, so domain errors become `error: ...` and exit 1."""
-    monkeypatch.setattr(sys, "argv", ["flood", *args])
-    try:
-        run()
-    except SystemExit as stopped:
-        return int(stopped.code or 0)
-    return 0
 
 
 def refuse_scratch_restore(monkeypatch: pytest.MonkeyPatch) -> None:
