@@ -1,4 +1,7 @@
-"""Where an API worker's CPU goes: py-spy samples of one worker under load, by part.
+"""Where the API workers' CPU goes: py-spy samples of every API worker under load, by part.
+
+Every worker is sampled, not one: with few connections the kernel may hand all of them to
+one worker, and a profile of the idle one would have no samples.
 
 Only the thread holding the GIL is sampled (``--gil``): a thread blocked in fsync or
 waiting on PostgreSQL's socket is not using the CPU the requests compete for, and without
@@ -69,16 +72,31 @@ def py_spy_binary() -> str:
     return found
 
 
-def record(pid: int, *, duration_s: float, out: Path, rate: int = 250) -> Path:
-    """Sample ``pid`` for ``duration_s`` into a collapsed-stack file (py-spy's raw format)."""
-    command = [
-        py_spy_binary(), "record", "--pid", str(pid), "--duration", str(max(1, round(duration_s))),
-        "--rate", str(rate), "--format", "raw", "--nonblocking", "--gil", "--output", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=duration_s + 60)
-    if done.returncode != 0 or not out.is_file():
-        raise PeerError(f"py-spy failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    return out
+def record(pids: list[int], *, duration_s: float, out_dir: Path, stem: str, rate: int = 250) -> list[Path]:
+    """Sample each of ``pids`` at once for ``duration_s``; one collapsed-stack file per pid
+    (py-spy's raw format)."""
+    seconds = str(max(1, round(duration_s)))
+    running = []
+    for pid in pids:
+        out = out_dir / f"{stem}-{pid}.txt"
+        command = [
+            py_spy_binary(), "record", "--pid", str(pid), "--duration", seconds, "--rate", str(rate),
+            "--format", "raw", "--nonblocking", "--gil", "--output", str(out),
+        ]  # fmt: skip
+        running.append(
+            (out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        )
+    written = []
+    for out, proc in running:
+        try:
+            _, stderr = proc.communicate(timeout=duration_s + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        if proc.returncode != 0 or not out.is_file():
+            raise PeerError(f"py-spy failed ({proc.returncode}): {stderr.strip()[-500:]}")
+        written.append(out)
+    return written
 
 
 def part_of(stack: list[str]) -> str:
@@ -89,21 +107,24 @@ def part_of(stack: list[str]) -> str:
     return OTHER
 
 
-def shares(collapsed: Path) -> tuple[dict[str, float], int]:
-    """Each part's share of the samples, and the number of samples."""
+def shares(collapsed: list[Path]) -> tuple[dict[str, float], int]:
+    """Each part's share of the samples of all files, and the number of samples."""
     counts: Counter[str] = Counter()
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        counts[part_of(stack.split(";"))] += int(count)
+    for path in collapsed:
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            counts[part_of(stack.split(";"))] += int(count)
     total = sum(counts.values())
     if not total:
         return {}, 0
     return {part: n / total for part, n in counts.most_common()}, total
 
 
-def breakdown(collapsed: Path, *, cpu_us_per_request: float, rows_per_request: int) -> dict[str, object]:
+def breakdown(
+    collapsed: list[Path], *, cpu_us_per_request: float, rows_per_request: int
+) -> dict[str, object]:
     """µs of the worker's CPU per request for each part (and per row for the log)."""
     by_share, samples = shares(collapsed)
     parts = {part: round(share * cpu_us_per_request, 1) for part, share in by_share.items()}

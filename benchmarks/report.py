@@ -221,7 +221,7 @@ def _profile_lines(result: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "Where the API workers' CPU per request goes (py-spy samples of one worker under the "
+        "Where the API workers' CPU per request goes (py-spy samples of every API worker under the "
         "same load, times the measured CPU per request; µs):",
         "",
         "| model | route | peer | API µs/req | parts | log µs/row | samples |",

@@ -84,7 +84,7 @@ class BenchConfig:
     mlflow_workers: int = 2
     ceiling_workers: int = 2
     inprocess_budget_s: float = 1.0
-    profile_s: float = 8.0  # py-spy on an API worker per Bento peer and route; 0: off
+    profile_s: float = 8.0  # py-spy on the API workers per Bento peer and route; 0: off
     postgres_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
     redis_url: str = "redis://127.0.0.1:6379/14"
     out_dir: Path | None = None
@@ -100,7 +100,7 @@ SMOKE = BenchConfig(
     models=("real",),
     real_trees=10,
     inprocess_budget_s=0.05,
-    profile_s=1.0,
+    profile_s=2.0,
 )
 
 
@@ -279,7 +279,7 @@ def measure_peer(
         if config.profile_s and spec.name in PROFILED_PEERS and runs:
             profiled = profile_api_worker(
                 running, load, concurrency=max(config.concurrencies), duration_s=config.profile_s,
-                out=logs / f"profile-{model}-{spec.name}-{route}.txt", measured=runs[-1],
+                out_dir=logs, stem=f"profile-{model}-{spec.name}-{route}", measured=runs[-1],
             )  # fmt: skip
             answered_rows += profiled.pop("answered_requests") * rows
             runs[-1]["profile"] = profiled
@@ -314,10 +314,11 @@ def profile_api_worker(
     *,
     concurrency: int,
     duration_s: float,
-    out: Path,
+    out_dir: Path,
+    stem: str,
     measured: dict[str, Any],
 ) -> dict[str, Any]:
-    """py-spy on one API worker under the same load; the measured run's CPU split by part."""
+    """py-spy on every API worker under the same load; the measured run's CPU split by part."""
     from benchmarks import profile
 
     pids = running.pids_of(API_SERVICE)
@@ -329,12 +330,14 @@ def profile_api_worker(
     )
     loader.start()
     time.sleep(1)
-    profile.record(pids[0], duration_s=duration_s, out=out)
+    collapsed = profile.record(pids, duration_s=duration_s, out_dir=out_dir, stem=stem)
     loader.join()
-    # The measured run's API CPU per request, summed over the API workers: they serve the
-    # same mix of requests, so one worker's shares stand for all of them.
+    # The measured run's API CPU per request, summed over the API workers, split by the
+    # shares of all the workers' samples together.
     api_us = measured["cpu_us_per_request"].get(API_SERVICE, 0.0)
-    result = profile.breakdown(out, cpu_us_per_request=api_us, rows_per_request=measured["rows_per_request"])
+    result = profile.breakdown(
+        collapsed, cpu_us_per_request=api_us, rows_per_request=measured["rows_per_request"]
+    )
     done = outcome.get("load")
     result["api_workers"] = measured["processes"].get(API_SERVICE, 1)
     result["answered_requests"] = 0 if done is None else done.requests - done.errors["status"]
