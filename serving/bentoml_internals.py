@@ -26,7 +26,8 @@ PRIVATE_NAMES: dict[str, tuple[str, str | None]] = {
     "model_store": ("bentoml._internal.models", "ModelStore"),
     "bento_store": ("bentoml._internal.bento", "BentoStore"),
     # The arbiter that owns the API socket; serving.handover closes it on stop so a
-    # replacement server inherits the port (zero-downtime handover).
+    # replacement server inherits the port (zero-downtime handover), and serving.hardening
+    # moves its command endpoints off TCP.
     "arbiter": ("bentoml._internal.utils.circus", "Arbiter"),
     # BentoML's API worker: it builds its uvicorn.Config with no http= (so uvicorn's "auto",
     # httptools when installed) and no option bounding request headers or their read time;
@@ -34,6 +35,10 @@ PRIVATE_NAMES: dict[str, tuple[str, str | None]] = {
     # protocol to bound both, and serve_http_with() makes "auto" resolve to it.
     "api_worker": ("_bentoml_impl.worker.service", "main"),
     "uvicorn_auto_http": ("uvicorn.protocols.http.auto", None),
+    # What serve_http builds its arbiter with: create_standalone_arbiter passes it ZMQ TCP
+    # control and event endpoints on 127.0.0.1, which take commands from any local user.
+    # serving.hardening moves them to ipc sockets in a private directory (in Arbiter).
+    "arbiter_factory": ("bentoml._internal.utils.circus", "create_standalone_arbiter"),
     "httptools_protocol": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
 }
 

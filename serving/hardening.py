@@ -18,12 +18,19 @@ can set such a bound (``serving.bentoml_internals``: ``api_worker``).
 :func:`bound_http_requests` makes the workers speak HTTP through a subclass of uvicorn's
 httptools protocol that refuses headers over a size (431, connection closed) and closes a
 connection whose request headers are not complete in time.
+
+Above the workers, BentoML's process manager (circus) takes commands such as "start this
+process" on ZMQ TCP endpoints on 127.0.0.1, without authentication: any local user could
+run a program as the server's user. :func:`run_arbiter_privately` moves both endpoints to
+ipc (unix) sockets in a directory only the server's user can enter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -220,3 +227,28 @@ def bound_http_requests(*, max_header_bytes: int, header_timeout_s: float) -> No
             self.transport.close()
 
     bentoml_internals.serve_http_with(BoundedHttpToolsProtocol)
+
+
+def run_arbiter_privately() -> None:
+    """Every arbiter this process builds listens on ipc sockets in its own 0700 directory
+    (removed when it stops) instead of the TCP ports BentoML gives it. Call it where the
+    service is defined: ``bentoml serve`` loads the service before it builds the arbiter."""
+    arbiter = bentoml_internals.resolve("arbiter")
+    original = arbiter.__init__
+    if getattr(original, "flood_private", False):
+        return
+
+    def private_init(
+        self: Any, watchers: Any, endpoint: str, pubsub_endpoint: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # mkdtemp makes the directory 0700 and owned by this user, so no other (non-root)
+        # user can reach the sockets inside it whatever their own modes.
+        directory = tempfile.mkdtemp(prefix="flood-arbiter-")
+        logger.debug(
+            "process manager endpoints moved from %s, %s to %s", endpoint, pubsub_endpoint, directory
+        )
+        original(self, watchers, f"ipc://{directory}/control", f"ipc://{directory}/events", *args, **kwargs)
+        self.exit_stack.callback(shutil.rmtree, directory, ignore_errors=True)
+
+    private_init.flood_private = True  # type: ignore[attr-defined]
+    arbiter.__init__ = private_init

@@ -41,7 +41,12 @@ from serving.api.deps import find_backend
 from serving.api.headers import ResponseHeaders
 from serving.coalescing import RowCoalescer
 from serving.handover import mark_worker_ready
-from serving.hardening import bound_http_requests, bound_request_metric_labels, escape_access_log
+from serving.hardening import (
+    bound_http_requests,
+    bound_request_metric_labels,
+    escape_access_log,
+    run_arbiter_privately,
+)
 from serving.health import check_service, is_ready
 from serving.memory import tune_garbage_collector
 from serving.metrics import get_metrics, scrape_time_metrics
@@ -140,6 +145,8 @@ bound_http_requests(
     max_header_bytes=get_settings().serving_max_header_bytes,
     header_timeout_s=get_settings().serving_header_timeout_s,
 )
+# The process manager's command endpoints: a unix socket only this user can reach, not TCP.
+run_arbiter_privately()
 
 
 @bentoml.asgi_app(edge_app, path="/")

@@ -110,3 +110,20 @@ def test_the_httptools_protocol_still_has_the_hooks_hardening_overrides() -> Non
     source = inspect.getsource(protocol)
     for attribute in ("self.transport", "self.loop", "self.server_state"):
         assert attribute in source, attribute
+
+
+def test_arbiters_bentoml_builds_take_private_ipc_endpoints() -> None:
+    """serving.hardening moves circus's command endpoints by wrapping the Arbiter class that
+    BentoML's factory instantiates; a factory that stops passing them through fails here."""
+    from serving.hardening import run_arbiter_privately
+
+    run_arbiter_privately()
+    arbiter = resolve("arbiter_factory")([])
+    try:
+        endpoints = [arbiter.endpoint, arbiter.pubsub_endpoint]
+        assert all(e.startswith("ipc://") for e in endpoints), endpoints
+        directory = Path(arbiter.endpoint.removeprefix("ipc://")).parent
+        assert directory.stat().st_mode & 0o777 == 0o700
+    finally:
+        arbiter.exit_stack.close()
+    assert not directory.exists(), "the endpoints' directory outlived its arbiter"
