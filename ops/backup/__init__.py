@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -170,10 +172,18 @@ def restore_backup(path: Path, *, settings: Settings | None = None) -> RestoreRe
     backend = _backend(settings)
     if backend.engine != manifest.engine:
         raise BackupError(f"{path.name} is a {manifest.engine} backup but DATABASE_URL is {backend.engine}")
-    report = _verify(path, manifest, authenticated=authenticated, settings=settings)
-    safety = run_backup(kind="safety", settings=settings)
-    logger.info("safety backup %s taken before restoring %s", safety.file, path.name)
-    backend.restore(path)
+    # Verified and restored from one private copy: whoever can write the backup folder could
+    # otherwise swap the file between the check and the restore.
+    with tempfile.TemporaryDirectory(prefix="flood-restore-") as private:
+        pinned = Path(private) / path.name
+        try:
+            shutil.copyfile(path, pinned)
+        except OSError as exc:
+            raise BackupError(f"{path.name} could not be copied to {private} for the restore: {exc}") from exc
+        report = _verify(pinned, manifest, authenticated=authenticated, settings=settings)
+        safety = run_backup(kind="safety", settings=settings)
+        logger.info("safety backup %s taken before restoring %s", safety.file, path.name)
+        backend.restore(pinned)
     restored = backend.count_rows()
     differences = {
         t: (n, restored.get(t, 0)) for t, n in report.manifest.tables.items() if restored.get(t, 0) != n

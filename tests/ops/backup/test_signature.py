@@ -277,3 +277,29 @@ def test_without_a_key_backups_are_unsigned_and_reported_unauthenticated(
     out, err = capsys.readouterr()
     assert f"ok: {backup.name} (sha256 matches" in out and "signature valid" not in out
     assert "warning: manifest not authenticated (BACKUP_SIGNING_KEY is not set)" in err
+
+
+def test_a_dump_swapped_after_the_check_is_not_what_gets_restored(
+    sqlite_url: str, settings: Settings, backup_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write the backup folder swaps the verified file for a forgery between the
+    signature check and the restore (injected right after the check): the restore must use
+    the bytes it checked, not re-read the file."""
+    import ops.backup
+
+    key_id = create_revoked_key(sqlite_url)
+    backup = settings.backup_dir / run_backup().file
+    forged = forge_sqlite_backup(settings, reinstate_key_sql(key_id)).read_bytes()
+    check = ops.backup._verify
+    swapped: list[Path] = []
+
+    def check_then_swap(path: Path, *args: Any, **kwargs: Any) -> Any:
+        report = check(path, *args, **kwargs)
+        backup.write_bytes(forged)
+        swapped.append(path)
+        return report
+
+    monkeypatch.setattr(ops.backup, "_verify", check_then_swap)
+    restore_backup(backup)
+    assert swapped and backup.read_bytes() == forged  # the swap happened, after the check
+    assert key_state(sqlite_url, key_id)[1] is True, "the swapped-in forgery was restored"
