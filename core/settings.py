@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     # forge a dump and a matching manifest. Set, verify and restore refuse what it did not
     # sign; unset (development), backups are unsigned and reported as unauthenticated.
     backup_signing_key: SecretStr | None = None
+    # A rotation's overlap: backups signed under these still verify and restore (new ones are
+    # signed under BACKUP_SIGNING_KEY). JSON list of secrets; drop one once retention has
+    # removed the backups it signed.
+    backup_signing_key_previous: list[SecretStr] = Field(default_factory=list)
     prediction_log_retention_days: int = Field(default=90, ge=1)
     # "archive" writes expired rows to gzipped JSON lines under backups/ before deleting them.
     prediction_log_retention_mode: Literal["archive", "delete"] = "archive"

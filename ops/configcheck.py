@@ -153,6 +153,21 @@ def _backup_signing_key_problem(settings: Settings) -> ConfigProblem | None:
     )
 
 
+def _previous_backup_key_problems(settings: Settings) -> list[ConfigProblem]:
+    # A weak old key lets a forgery in as surely as a weak current one.
+    problems = []
+    for index, secret in enumerate(settings.backup_signing_key_previous):
+        problem = _required_secret_problem(
+            f"BACKUP_SIGNING_KEY_PREVIOUS[{index}]",
+            secret,
+            unset="empty",
+            fix="remove it, or list the real previous key",
+        )
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
 def _signing_key_problem(settings: Settings) -> ConfigProblem | None:
     if settings.model_signing_key is None or not settings.model_signing_key.get_secret_value():
         return None  # required or not: the REQUIRE_MODEL_SIGNATURE rule below says so
@@ -213,6 +228,7 @@ def find_config_problems(
     ):
         if found is not None:
             problems.append(found)
+    problems.extend(_previous_backup_key_problems(settings))
     if settings.secret_key_previous and settings.secret_key_previous_until is None:
         problems.append(
             ConfigProblem(

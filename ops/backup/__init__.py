@@ -47,7 +47,12 @@ from ops.backup.catalogue import (
     select_expired,
     write_atomically,
 )
-from ops.backup.signature import authenticate_manifest, backup_signing_key, sign_manifest
+from ops.backup.signature import (
+    authenticate_manifest,
+    backup_signing_key,
+    previous_backup_signing_keys,
+    sign_manifest,
+)
 
 if TYPE_CHECKING:
     from ops.backup.engine import Backend
@@ -129,7 +134,9 @@ def verify_backup(path: Path, *, settings: Settings | None = None) -> VerifyRepo
 
 def _read_manifest(path: Path, settings: Settings) -> tuple[BackupManifest, bool]:
     manifest = manifest_for(path)
-    return manifest, authenticate_manifest(manifest, key=backup_signing_key(settings))
+    return manifest, authenticate_manifest(
+        manifest, key=backup_signing_key(settings), previous=previous_backup_signing_keys(settings)
+    )
 
 
 def _verify(path: Path, manifest: BackupManifest, *, authenticated: bool, settings: Settings) -> VerifyReport:

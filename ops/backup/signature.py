@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Sequence
 
 from core.errors import BackupError
 from core.settings import Settings
@@ -36,6 +37,11 @@ def backup_signing_key(settings: Settings) -> bytes | None:
     return secret.get_secret_value().encode()
 
 
+def previous_backup_signing_keys(settings: Settings) -> list[bytes]:
+    """BACKUP_SIGNING_KEY_PREVIOUS: keys of a rotation that still verify older backups."""
+    return [secret.get_secret_value().encode() for secret in settings.backup_signing_key_previous]
+
+
 def compute_manifest_signature(manifest: BackupManifest, key: bytes) -> str:
     data = dataclasses.asdict(manifest)
     del data["signature"]
@@ -49,9 +55,12 @@ def sign_manifest(manifest: BackupManifest, key: bytes) -> BackupManifest:
     return dataclasses.replace(manifest, signature=compute_manifest_signature(manifest, key))
 
 
-def authenticate_manifest(manifest: BackupManifest, *, key: bytes | None) -> bool:
+def authenticate_manifest(
+    manifest: BackupManifest, *, key: bytes | None, previous: Sequence[bytes] = ()
+) -> bool:
     """Raise :class:`BackupError` unless ``manifest`` may be trusted; return whether its
-    signature was checked (False: no key here, so it is unauthenticated)."""
+    signature was checked (False: no key here, so it is unauthenticated). A signature under
+    one of the ``previous`` keys (a rotation's overlap) is trusted too."""
     name = manifest_name(manifest.file)
     if key is None:
         logger.warning(
@@ -68,12 +77,25 @@ def authenticate_manifest(manifest: BackupManifest, *, key: bytes | None) -> boo
             "run` makes one); only for a backup you know you made before backups were signed, "
             "run this one command with BACKUP_SIGNING_KEY unset"
         )
-    expected = compute_manifest_signature(manifest, key)
-    if not hmac.compare_digest(expected.encode(), manifest.signature.encode()):
-        raise BackupError(
-            f"{name} does not match its signature: the manifest was altered after the backup "
-            "(a dump and manifest written to match each other are refused the same way), or it "
-            "was signed with another BACKUP_SIGNING_KEY (after a rotation, old backups verify "
-            "only with the key they were made with)"
+    if _signed_with(manifest, key):
+        return True
+    if any(_signed_with(manifest, old) for old in previous):
+        logger.warning(
+            "%s is signed with a key of BACKUP_SIGNING_KEY_PREVIOUS: trusted during the rotation; "
+            "backups made from now on are signed with BACKUP_SIGNING_KEY",
+            name,
         )
-    return True
+        return True
+    raise BackupError(
+        f"{name} does not match its signature: the manifest was altered after the backup "
+        "(a dump and manifest written to match each other are refused the same way), or it "
+        "was signed with a key that is neither BACKUP_SIGNING_KEY nor in "
+        "BACKUP_SIGNING_KEY_PREVIOUS (after a rotation, list the old key there)"
+    )
+
+
+def _signed_with(manifest: BackupManifest, key: bytes) -> bool:
+    expected = compute_manifest_signature(manifest, key)
+    return manifest.signature is not None and hmac.compare_digest(
+        expected.encode(), manifest.signature.encode()
+    )

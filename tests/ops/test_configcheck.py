@@ -187,3 +187,15 @@ def test_production_refuses_a_missing_or_weak_backup_signing_key(
     get_settings.cache_clear()
     assert "BACKUP_SIGNING_KEY" in variables("real")
     enforce_config(model_data_source="real")
+
+
+@pytest.mark.security
+def test_production_refuses_a_weak_previous_backup_signing_key(production: pytest.MonkeyPatch) -> None:
+    # An old key still verifies backups, so a weak one lets a forgery in as a weak current key would.
+    production.setenv("BACKUP_SIGNING_KEY_PREVIOUS", f'["{secrets.token_urlsafe(48)}", "backup-2025"]')
+    get_settings.cache_clear()
+    (problem,) = find_config_problems(model_data_source="real")
+    assert problem.variable == "BACKUP_SIGNING_KEY_PREVIOUS[1]"
+    assert "not a strong random secret" in problem.problem
+    production.setenv("BACKUP_SIGNING_KEY_PREVIOUS", f'["{secrets.token_urlsafe(48)}"]')
+    assert variables("real") == []

@@ -244,13 +244,38 @@ def test_another_key_is_refused_and_the_signing_key_still_verifies(
 ) -> None:
     backup = settings.backup_dir / run_backup().file
     use_backup_key(monkeypatch, backup_key[::-1])  # after a rotation, say
-    with pytest.raises(BackupError, match=r"signed with another BACKUP_SIGNING_KEY"):
+    with pytest.raises(BackupError, match=r"neither BACKUP_SIGNING_KEY nor in BACKUP_SIGNING_KEY_PREVIOUS"):
         verify_backup(backup)
     with pytest.raises(BackupError, match=MISMATCH):
         restore_backup(backup)
     assert [m.kind for m in list_backups()] == ["full"]
     use_backup_key(monkeypatch, backup_key)
     assert verify_backup(backup).authenticated is True
+
+
+def test_during_a_rotation_backups_under_the_previous_key_restore_and_new_ones_use_the_new_key(
+    sqlite_url: str,
+    settings: Settings,
+    backup_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = settings.backup_dir / run_backup().file
+    new_key = backup_key[::-1]
+    use_backup_key(monkeypatch, new_key)
+    monkeypatch.setenv("BACKUP_SIGNING_KEY_PREVIOUS", json.dumps([backup_key]))
+    get_settings.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="ops.backup.signature"):
+        assert verify_backup(old).authenticated is True
+    assert "signed with a key of BACKUP_SIGNING_KEY_PREVIOUS" in caplog.text
+    report = restore_backup(old)
+    # The safety backup taken by that restore is signed with the new key only.
+    safety = settings.backup_dir / report.safety_backup.file
+    monkeypatch.delenv("BACKUP_SIGNING_KEY_PREVIOUS")
+    get_settings.cache_clear()
+    assert verify_backup(safety).authenticated is True
+    with pytest.raises(BackupError, match=MISMATCH):
+        verify_backup(old)  # the rotation's end: the old key is no longer listed
 
 
 def test_without_a_key_backups_are_unsigned_and_reported_unauthenticated(
