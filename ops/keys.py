@@ -91,6 +91,12 @@ def _write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
+def key_id_of(raw_key: str) -> str | None:
+    """The public id (prefix) of a well-formed key, else None."""
+    match = _KEY_RE.match(raw_key)
+    return match.group(1) if match else None
+
+
 def hash_key(raw_key: str, secret: bytes) -> str:
     return hmac.new(secret, raw_key.encode(), hashlib.sha256).hexdigest()
 
@@ -304,6 +310,17 @@ class ApiKeyStore:
             return self._accept(last_known[2])
         self._remember(digest, info, time.monotonic())
         return self._accept(info)
+
+    def active_key_ids(self) -> frozenset[str]:
+        """Ids (public prefixes) of every key not revoked; ``DependencyUnavailableError`` when
+        the database cannot say."""
+        try:
+            with self._sessions() as session:
+                return frozenset(session.scalars(select(ApiKey.prefix).where(ApiKey.revoked_at.is_(None))))
+        except SQLAlchemyError:
+            raise DependencyUnavailableError(
+                "API keys cannot be listed right now (database unreachable)"
+            ) from None
 
     def verify_cached_key(self, raw_key: str | None) -> ApiKeyInfo | None:
         """:meth:`verify_key` from the in-process cache alone, so it never waits on the

@@ -12,6 +12,7 @@ cached key is microseconds and runs inline. The rate limiter is async on the wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from prometheus_client import Counter
 
 from core.errors import AuthenticationError, DependencyUnavailableError, RateLimitedError, TooLargeError
 from core.settings import Settings, get_settings
-from ops.keys import ApiKeyInfo, ApiKeyStore, extract_api_key
+from ops.keys import ApiKeyInfo, ApiKeyStore, extract_api_key, key_id_of
 from ops.predictionlog import PredictionGroup, PredictionLog
 from ops.ratelimit import RateLimitDecision, RateLimiter, Window, parse_limit_setting
 from serving.metrics import get_metrics
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 # Client addresses this worker remembers as over their failed-auth limit; the oldest are
 # forgotten first, which at worst lets one more guess reach the shared counter.
 _THROTTLED_ADDRESSES = 10_000
+# A throttled address may still present a real key this worker has not cached (another
+# client behind the same NAT): its id must be in the list of active key ids, re-read at
+# most this often when an id is missing from it, and each (address, id) gets one lookup.
+_KEY_IDS_REFRESH_S = 5.0
+_THROTTLED_LOOKUPS = 10_000
 
 
 class _CounterExport:
@@ -69,6 +75,9 @@ class EdgeOperations:
         self.log = log
         self._auth_failure_windows = auth_failure_windows
         self._throttled: OrderedDict[str, float] = OrderedDict()  # address -> monotonic until
+        self._throttled_lookups: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> until
+        self._key_ids: frozenset[str] = frozenset()
+        self._key_ids_read_at = float("-inf")
         metrics = get_metrics()
         self._exports = [
             _CounterExport(lambda: limiter.fallback_decisions, metrics.ratelimit_fallback_decisions),
@@ -111,8 +120,9 @@ class EdgeOperations:
         failed AUTH_FAILURE_LIMIT times, or, when the database is needed and down,
         ``DependencyUnavailableError``.
 
-        A key this worker has cached as valid is answered even for a throttled address
-        (clients behind one NAT share it); any other key from it is refused unchecked.
+        A throttled address is still answered for a key this worker has cached as valid, and
+        a real key it has not cached gets one lookup (clients behind one NAT share the
+        address); any other key from it is refused unchecked.
         """
         if self.keys is None:
             return None
@@ -121,7 +131,13 @@ class EdgeOperations:
             # A cached answer costs microseconds, far less than a hop to the thread pool.
             info = self.keys.verify_cached_key(raw_key)
             if info is None:
-                self._refuse_if_throttled(client)
+                assert raw_key is not None  # verify_cached_key refuses a missing key
+                wait_s = self._throttle_wait(client)
+                if wait_s is not None and not await self._admit_while_throttled(
+                    client, raw_key, until=time.monotonic() + wait_s
+                ):
+                    get_metrics().auth_throttled.inc()
+                    raise self._auth_throttle_refusal(wait_s)
                 info = await anyio.to_thread.run_sync(self.keys.verify_key, raw_key)
         except AuthenticationError as exc:
             get_metrics().auth_refusals.labels(reason=exc.reason).inc()
@@ -132,16 +148,40 @@ class EdgeOperations:
             raise
         return info
 
-    def _refuse_if_throttled(self, client: str) -> None:
+    def _throttle_wait(self, client: str) -> float | None:
+        """Seconds ``client`` stays over its failed-auth limit, None when it is not."""
         until = self._throttled.get(client)
         if until is None:
-            return
+            return None
         wait_s = until - time.monotonic()
         if wait_s <= 0:
             del self._throttled[client]
-            return
-        get_metrics().auth_throttled.inc()
-        raise self._auth_throttle_refusal(wait_s)
+            return None
+        return wait_s
+
+    async def _admit_while_throttled(self, client: str, raw_key: str, *, until: float) -> bool:
+        """Whether a throttled ``client``'s uncached key may still be looked up: its id is an
+        active key's, and this (address, id) has not had its lookup in this throttle."""
+        assert self.keys is not None
+        key_id = key_id_of(raw_key)
+        if key_id is None:
+            return False
+        looked_up_until = self._throttled_lookups.get((client, key_id))
+        if looked_up_until is not None and looked_up_until > time.monotonic():
+            return False
+        if key_id not in self._key_ids and time.monotonic() - self._key_ids_read_at >= _KEY_IDS_REFRESH_S:
+            # Set before the read: requests arriving meanwhile use the list as it is.
+            self._key_ids_read_at = time.monotonic()
+            # Unreachable, the last list stands: the lookup itself would fail too.
+            with contextlib.suppress(DependencyUnavailableError):
+                self._key_ids = await anyio.to_thread.run_sync(self.keys.active_key_ids)
+        if key_id not in self._key_ids:
+            return False
+        self._throttled_lookups[client, key_id] = until
+        self._throttled_lookups.move_to_end((client, key_id))
+        while len(self._throttled_lookups) > _THROTTLED_LOOKUPS:
+            self._throttled_lookups.popitem(last=False)
+        return True
 
     async def _count_auth_failure(self, client: str) -> None:
         """Charge one failure to ``client``; past the limit, refuse it from now on."""

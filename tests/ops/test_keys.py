@@ -19,7 +19,7 @@ from core.errors import (
 )
 from core.settings import Settings, get_settings
 from ops.database import get_engine, get_session_factory
-from ops.keys import DEV_SECRET_FILE, ApiKeyStore, extract_api_key, resolve_secret_key
+from ops.keys import DEV_SECRET_FILE, ApiKeyStore, extract_api_key, key_id_of, resolve_secret_key
 from ops.migrations import upgrade_database
 from ops.tables import ApiKey
 
@@ -96,6 +96,14 @@ def test_rotating_a_revoked_key_is_refused(store: ApiKeyStore) -> None:
         store.rotate_key(issued.info.key_id)
     with pytest.raises(ApiKeyError, match="already revoked"):
         store.revoke_key(issued.info.key_id)
+
+
+def test_active_key_ids_are_the_ids_of_keys_not_revoked(store: ApiKeyStore) -> None:
+    kept, revoked = store.create_key("kept", "free"), store.create_key("gone", "free")
+    store.revoke_key(revoked.info.key_id)
+    assert key_id_of(kept.raw_key) == kept.info.key_id and key_id_of("not-a-key") is None
+    assert kept.info.key_id in store.active_key_ids()
+    assert revoked.info.key_id not in store.active_key_ids()
 
 
 def test_management_errors_are_clear(store: ApiKeyStore) -> None:
@@ -198,6 +206,8 @@ def test_database_outage_is_unavailable_not_unauthorised(tmp_path: Path) -> None
     store = ApiKeyStore(session_factory=get_session_factory(url), secret=SECRET)
     with pytest.raises(DependencyUnavailableError):
         store.verify_key("fnq_0123456789ab_" + "C" * 43)
+    with pytest.raises(DependencyUnavailableError):
+        store.active_key_ids()
 
 
 def test_headers_x_api_key_and_bearer() -> None:
