@@ -207,7 +207,7 @@ def test_a_signed_dump_restores_and_any_change_or_another_key_is_refused(
     backup.write_bytes(original)
 
     use_backup_key(monkeypatch, backup_key[::-1])
-    with pytest.raises(BackupError, match="signed with another BACKUP_SIGNING_KEY"):
+    with pytest.raises(BackupError, match="neither BACKUP_SIGNING_KEY nor in BACKUP_SIGNING_KEY_PREVIOUS"):
         restore_backup(backup)
     assert table_counts(pg_url) == before
     assert [m.kind for m in list_backups()].count("safety") == 1  # only the real restore's
