@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 3000
 DEV_KEY := $(or $(FLOOD_HOME),.flood)/dev-api-key
 
-.PHONY: run train build key serve mlflow-ui test lint clean bench bench-smoke soak
+.PHONY: run train build key serve mlflow-ui test lint clean bench bench-smoke soak stack stack-down test-containers
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=...)"; exit 1; }
@@ -47,6 +47,11 @@ mlflow-ui: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest
 
+## test-containers: the image, compose stack and replica tests (needs dockerd; .ci/run starts it
+## with FLOOD_CONTAINER_TESTS=1)
+test-containers: $(STAMP)
+	$(BIN)/pytest -m containers tests/containers
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -62,6 +67,16 @@ bench-smoke: $(STAMP)
 ## soak: 10 minutes of moderate load on a served Bento (PostgreSQL, Redis), RSS sampled
 soak: $(STAMP)
 	$(BIN)/python -m tests.reliability.soak $(SOAK_ARGS)
+
+## stack: the compose stack (docker-compose.yml + local stand-ins) on 127.0.0.1:$(STACK_PORT), building
+## what is missing (base and stand-in images, a signed Bento of the champion, its image)
+STACK_PORT ?= 3000
+stack: $(STAMP)
+	STACK_PORT=$(STACK_PORT) deploy/stack.sh up
+
+## stack-down: stop the stack; its volumes (database, backups, journal) are kept
+stack-down:
+	deploy/stack.sh down
 
 clean:
 	rm -rf .flood .pytest_cache .mypy_cache .ruff_cache

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 
 import typer
 
-from cli import backup, bento, config, db, keys, mlflow, models, train
+from cli import backup, config, db, keys
 from core.errors import FloodError
 
+# The Bento image ships the operations commands (keys, db, config, backup) and neither
+# training/, bundle/ nor MLflow (bentofile.yaml); the commands that need those exist only
+# where they are installed, instead of failing on an import at first use.
+BUILD_PACKAGES = ("training", "bundle", "mlflow")
+HAS_BUILD_PACKAGES = all(importlib.util.find_spec(name) is not None for name in BUILD_PACKAGES)
+
 app = typer.Typer(help="Floodingnaque: flood-risk models for Parañaque City.", no_args_is_help=True)
-app.command("train")(train.train_command)
-app.add_typer(models.app, name="models", help="Model versions in the MLflow registry.")
-app.add_typer(bento.app, name="bento", help="Bentos pinned to registry versions.")
-app.command("serve")(bento.serve_command)
+if HAS_BUILD_PACKAGES:
+    from cli import bento, mlflow, models, train
+
+    app.command("train")(train.train_command)
+    app.add_typer(models.app, name="models", help="Model versions in the MLflow registry.")
+    app.add_typer(bento.app, name="bento", help="Bentos pinned to registry versions.")
+    app.command("serve")(bento.serve_command)
 app.add_typer(keys.app, name="keys", help="API keys: create, list, revoke, rotate.")
 app.add_typer(db.app, name="db", help="Ops database schema (API keys, prediction log).")
 app.add_typer(config.app, name="config", help="Configuration checks.")
 app.add_typer(backup.app, name="backup", help="Backups of the ops database: run, list, verify, restore.")
-app.add_typer(mlflow.app, name="mlflow", help="MLflow's UI on this project's store.")
+if HAS_BUILD_PACKAGES:
+    app.add_typer(mlflow.app, name="mlflow", help="MLflow's UI on this project's store.")
 
 
 @app.callback()
