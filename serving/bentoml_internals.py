@@ -39,6 +39,9 @@ PRIVATE_NAMES: dict[str, tuple[str, str | None]] = {
     # control and event endpoints on 127.0.0.1, which take commands from any local user.
     # serving.hardening moves them to ipc sockets in a private directory (in Arbiter).
     "arbiter_factory": ("bentoml._internal.utils.circus", "create_standalone_arbiter"),
+    # The uid/gid of the user `bentoml containerize` creates in the image; the Kubernetes
+    # manifests run as it (tests/test_k8s.py).
+    "bento_uid_gid": ("bentoml._internal.container.generate", "BENTO_UID_GID"),
     "httptools_protocol": ("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol"),
 }
 

@@ -375,7 +375,9 @@ def test_the_worker_finishes_a_backup_before_it_is_killed(
 
 
 def test_every_pod_runs_as_the_images_non_root_user(manifests: list[Manifest]) -> None:
-    from bentoml._internal.container.generate import BENTO_UID_GID  # the user `bentoml containerize` makes
+    from serving.bentoml_internals import resolve
+
+    BENTO_UID_GID = resolve("bento_uid_gid")  # noqa: N806 - the user `bentoml containerize` makes
 
     assert f"(uid {BENTO_UID_GID})" in (ROOT / "deploy" / "bento-setup.sh").read_text()
     for manifest in manifests:
