@@ -352,12 +352,12 @@ class ApiKeyStore:
 
     def _load_info(self, raw_key: str, digest: str) -> ApiKeyInfo | None:
         info: ApiKeyInfo | None
-        match = _KEY_RE.match(raw_key)
-        if match is None:
+        key_id = key_id_of(raw_key)
+        if key_id is None:
             return None
         try:
             with self._sessions() as session:
-                row = session.scalar(select(ApiKey).where(ApiKey.prefix == match.group(1)))
+                row = session.scalar(select(ApiKey).where(ApiKey.prefix == key_id))
                 # Constant-time: timing must not tell how much of a guessed hash matched.
                 matched = row is not None and hmac.compare_digest(row.key_hash, digest)
                 if row is not None and not matched and self._previous:

@@ -133,9 +133,7 @@ class EdgeOperations:
             if info is None:
                 assert raw_key is not None  # verify_cached_key refuses a missing key
                 wait_s = self._throttle_wait(client)
-                if wait_s is not None and not await self._admit_while_throttled(
-                    client, raw_key, until=time.monotonic() + wait_s
-                ):
+                if wait_s is not None and not await self._admit_while_throttled(client, raw_key):
                     get_metrics().auth_throttled.inc()
                     raise self._auth_throttle_refusal(wait_s)
                 info = await anyio.to_thread.run_sync(self.keys.verify_key, raw_key)
@@ -159,7 +157,7 @@ class EdgeOperations:
             return None
         return wait_s
 
-    async def _admit_while_throttled(self, client: str, raw_key: str, *, until: float) -> bool:
+    async def _admit_while_throttled(self, client: str, raw_key: str) -> bool:
         """Whether a throttled ``client``'s uncached key may still be looked up: its id is an
         active key's, and this (address, id) has not had its lookup in this throttle."""
         assert self.keys is not None
@@ -177,7 +175,7 @@ class EdgeOperations:
                 self._key_ids = await anyio.to_thread.run_sync(self.keys.active_key_ids)
         if key_id not in self._key_ids:
             return False
-        self._throttled_lookups[client, key_id] = until
+        self._throttled_lookups[client, key_id] = self._throttled[client]  # this throttle's end
         self._throttled_lookups.move_to_end((client, key_id))
         while len(self._throttled_lookups) > _THROTTLED_LOOKUPS:
             self._throttled_lookups.popitem(last=False)
