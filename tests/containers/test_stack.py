@@ -74,8 +74,18 @@ def test_a_key_made_in_the_container_predicts_with_the_pinned_version(
     )
 
 
-def test_the_worker_backs_up_into_the_volume_and_verify_passes(stack: Stack) -> None:
-    started = time.monotonic()
+def send_logged(stack: Stack, key: str, count: int) -> tuple[str, set[str]]:
+    prefix = f"ct-{uuid.uuid4().hex[:8]}-"
+    ok = {
+        f"{prefix}{n}"
+        for n in range(count)
+        if predict(stack.url, key, request_id=f"{prefix}{n}").status_code == 200
+    }
+    return prefix, ok
+
+
+def back_up_through_the_worker(stack: Stack) -> str:
+    """A full backup by the Celery worker (the task beat schedules); the new file's name."""
     before = stack.exec("worker", "flood", "backup", "list")
     stack.exec(
         "worker", "celery", "-A", "ops.tasks", "call", "flood.backup.run",
@@ -90,12 +100,56 @@ def test_the_worker_backs_up_into_the_volume_and_verify_passes(stack: Stack) -> 
     wait_until(new_backup, timeout_s=120, every_s=1)
     name = new_backup()
     assert name
+    return name
+
+
+def test_the_worker_backs_up_into_the_volume_and_verify_passes(stack: Stack) -> None:
+    started = time.monotonic()
+    name = back_up_through_the_worker(stack)
     seconds = time.monotonic() - started
     verified = stack.exec("worker", "flood", "backup", "verify", name)
     assert f"ok: {name} (signature valid, sha256 matches" in verified
     # The same volume, read-only in the Bento (its /metrics backup gauges read it).
     assert name in stack.exec("bento", "ls", "/var/lib/flood/backups").split()
     record_figure(Figure("celery backup + flood backup verify", 1, 0, None, seconds, name))
+
+
+def test_restore_through_the_worker_brings_back_the_backed_up_state(stack: Stack) -> None:
+    """RUNBOOK 4 in compose: stop the Bento, restore in the worker, start the Bento."""
+    kept = new_key(stack, tier="pro")
+    prefix, answered = send_logged(stack, kept, 10)
+    # Rows reach PostgreSQL a moment after their answers (the journal holds them meanwhile);
+    # the backup must hold them for "kept" to mean something.
+    wait_until(lambda: answered <= stack.logged_client_ids(prefix), timeout_s=30)
+    name = back_up_through_the_worker(stack)
+    rows_in_backup = int(stack.sql("SELECT count(*) FROM prediction_log")[0])
+    dropped = new_key(stack, tier="pro")  # made after the backup: the restore removes it
+    assert predict(stack.url, dropped).status_code == 200
+    started = time.monotonic()
+    stack.command("stop", "-t", "90", "bento")
+    restored = stack.exec("worker", "flood", "backup", "restore", name, "--yes")
+    assert f"restored {name}" in restored and "safety backup:" in restored
+    stack.up("bento")
+    seconds = time.monotonic() - started
+    database, code = stack.exec("worker", "flood", "db", "current").split()[1::2]
+    assert database == code  # the restored schema is at the image's head
+    assert predict(stack.url, kept).status_code == 200
+    assert predict(stack.url, dropped).status_code == 401
+    rows_after = int(stack.sql("SELECT count(*) FROM prediction_log")[0])
+    # The rows logged since (the predictions above) come after the backup's rows.
+    assert rows_after >= rows_in_backup
+    lost = len(answered - stack.logged_client_ids(prefix))
+    assert lost == 0
+    record_figure(
+        Figure(
+            "restore in compose: stop bento, worker restore, up",
+            len(answered) + 3,
+            0,
+            lost,
+            seconds,
+            f"{name}; key made after it refused (401)",
+        )
+    )
 
 
 def test_prometheus_scrapes_the_bento(stack: Stack) -> None:
@@ -124,16 +178,6 @@ def test_prometheus_scrapes_the_bento(stack: Stack) -> None:
             f"{predictions_seen():.0f} seen",
         )
     )
-
-
-def send_logged(stack: Stack, key: str, count: int) -> tuple[str, set[str]]:
-    prefix = f"ct-{uuid.uuid4().hex[:8]}-"
-    ok = {
-        f"{prefix}{n}"
-        for n in range(count)
-        if predict(stack.url, key, request_id=f"{prefix}{n}").status_code == 200
-    }
-    return prefix, ok
 
 
 def test_down_and_up_keep_every_logged_row(stack: Stack) -> None:
