@@ -42,6 +42,9 @@ def display_uri(uri: str) -> str:
         return uri.split("://", 1)[0] + "://***"
 
 
+_EXPORTED_BY_MLFLOW = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 def ui_argv(*, host: str, port: int) -> list[str]:
     """``mlflow ui`` on the project's own store (MLFLOW_TRACKING_URI or FLOOD_HOME's SQLite)."""
     import sys
@@ -59,8 +62,18 @@ def connect() -> MlflowClient:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # The fluent API (start_run, log_model, pyfunc.load_model) and parts of the registry
     # store read the process-wide URIs, so both must agree with the client's.
+    exported = {name: os.environ.get(name) for name in _EXPORTED_BY_MLFLOW}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # MLflow also exports them as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which Settings
+    # would then read as the user's own choice: a later FLOOD_HOME in this process (a test
+    # session, a long-lived caller) kept talking to the first store. MLflow's own globals
+    # still hold the URI; subprocesses that need it are given it explicitly.
+    for name, value in exported.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         client: MlflowClient = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 
 import mlflow
@@ -255,3 +256,25 @@ def test_every_candidate_is_a_child_run_and_the_version_names_its_winner(setting
     assert info.thresholds == result.thresholds
     assert 0 < info.thresholds.alert_rate <= 0.15
     assert 0 < info.thresholds.critical_rate <= 0.03
+
+
+def test_a_new_flood_home_in_the_same_process_gets_its_own_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow exports the URI it is given as MLFLOW_TRACKING_URI, which Settings honours: left
+    in place, the second home's models went to the first home's store (seen when the container
+    tests ran after the serving tests in one session)."""
+    from core.settings import get_settings
+    from registry.backend import connect
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uris = []
+    for name in ("first", "second"):
+        monkeypatch.setenv("FLOOD_HOME", str(tmp_path / name))
+        get_settings.cache_clear()
+        connect()
+        uris.append(mlflow.get_tracking_uri())
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    get_settings.cache_clear()
+    assert uris[0] != uris[1] and str(tmp_path / "second") in uris[1]
