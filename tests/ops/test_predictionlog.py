@@ -27,6 +27,7 @@ from ops.predictionlog import (
     PredictionLog,
     PredictionLogUnavailableError,
     PredictionRecord,
+    _copy_rows,
     _Submission,
     is_transient,
     replay_rejected,
@@ -596,3 +597,34 @@ def test_a_batch_group_lands_as_one_row_each(postgres_url: str, flood_home: Path
         )
     engine.dispose()
     assert rows == {r.request_id: r.inputs for r in records}
+
+
+@pytest.mark.parametrize("may_exist", [False, True], ids=["direct", "staged"])
+def test_copy_keeps_values_with_tabs_newlines_and_backslashes(postgres_url: str, may_exist: bool) -> None:
+    """COPY's text format gives tab, newline, CR and backslash meaning; a row holding them
+    (an old journal line's inputs, say) lands as it was, beside plain rows of the same batch."""
+    odd = dataclasses.replace(
+        make_record(),
+        inputs={"note": 'tab\there\nnew "line"\r\\N back\\slash', "rainfall": 1e-07},
+        client_request_id="c\\N",
+        key_id=None,
+        bento_tag="tag\twith\ttabs",
+    )
+    plain = [make_record() for _ in range(3)]
+    engine = get_engine(postgres_url)
+    with engine.begin() as connection:
+        _copy_rows(connection, [group_of(odd), *map(group_of, plain)], may_exist=may_exist)
+    with engine.connect() as connection:
+        rows = {
+            row.request_id: row
+            for row in connection.execute(
+                select(PredictionLogRow.__table__).where(
+                    PredictionLogRow.request_id.in_([odd.request_id, *(r.request_id for r in plain)])
+                )
+            )
+        }
+    landed = rows[odd.request_id]
+    assert landed.inputs == odd.inputs
+    assert (landed.client_request_id, landed.key_id, landed.bento_tag) == ("c\\N", None, "tag\twith\ttabs")
+    assert landed.probability == odd.probability and landed.latency_ms == odd.latency_ms
+    assert all(rows[r.request_id].inputs == r.inputs for r in plain) and len(rows) == 4

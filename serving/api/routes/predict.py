@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
+from core.errors import ModelUnavailableError
 from core.observation import FIELD_NAMES, Observation
 from ops.predictionlog import PredictionGroup
 from serving.api.deps import (
@@ -40,6 +42,8 @@ from serving.metrics import get_metrics
 router = APIRouter(prefix="/api/v1", tags=["predictions"])
 EXAMPLE_BATCH = [EXAMPLE_OBSERVATION, EXAMPLE_BATCH_OBSERVATION]
 _REFUSALS = error_responses(400, 401, 413, 415, 422, 429, 503)
+_IDS = TypeAdapter(dict[str, str | None])
+_LEVEL = TypeAdapter(str)
 
 
 def json_response(request: Request, body: BaseModel) -> Response:
@@ -62,6 +66,15 @@ def log_row_ids(request_id: str, rows: int, *, batch: bool) -> list[str]:
     return [f"{request_id}#{i}" for i in range(rows)] if batch else [request_id]
 
 
+@dataclass(frozen=True)
+class Answers:
+    """A request's predictions, row by row, and the model that made them."""
+
+    probabilities: list[float]
+    risk_levels: list[str]
+    model: ModelRef
+
+
 async def predict_observations(
     request: Request,
     backend: ModelBackend,
@@ -69,54 +82,41 @@ async def predict_observations(
     *,
     request_id: str,
     route: str,
-) -> list[Prediction]:
+) -> Answers:
     """The model's answers for ``observations``, counted in the metrics and logged."""
     start = time.perf_counter()
     probabilities = await backend.predict_proba(observations_to_raw(observations))
     metrics = get_metrics()
     metrics.prediction_latency.labels(route=route).observe(time.perf_counter() - start)
+    if not np.isfinite(probabilities).all():
+        # Never seen; answering would send a number JSON cannot carry (see predictions_json).
+        raise ModelUnavailableError("the model returned a non-finite probability")
     served = backend.served
-    ref = ModelRef(name=served.name, version=served.version, bento_tag=backend.bento_tag)
-    risk_level = served.thresholds.risk_level
-    # Built without re-validation: every value is ours, and a batch answer is 256 rows.
-    client_id = request.state.client_request_id
-    predictions = [
-        Prediction.model_construct(
-            probability=p,
-            risk_level=risk_level(p),
-            model=ref,
-            request_id=request_id,
-            client_request_id=client_id,
-        )
-        for p in map(float, probabilities)
-    ]
+    floats = [float(p) for p in probabilities]
+    answers = Answers(
+        probabilities=floats,
+        risk_levels=[served.thresholds.risk_level(p) for p in floats],
+        model=ModelRef(name=served.name, version=served.version, bento_tag=backend.bento_tag),
+    )
     version = str(served.version)
-    for level, count in Counter(p.risk_level for p in predictions).items():
+    for level, count in Counter(answers.risk_levels).items():
         metrics.predictions.labels(risk_level=level, model_version=version).inc(count)
     if backend.operations is not None:
         # Durable before answered (PREDICTION_LOG_DURABILITY): refused with a 503 when
         # nothing can keep the rows.
         await backend.operations.record(
-            prediction_group(
-                request,
-                observations,
-                predictions,
-                request_id=request_id,
-                batch=route != "predict",
-                model=ref,
-            )
+            prediction_group(request, observations, answers, request_id=request_id, batch=route != "predict")
         )
-    return predictions
+    return answers
 
 
 def prediction_group(
     request: Request,
     observations: Sequence[Observation],
-    predictions: Sequence[Prediction],
+    answers: Answers,
     *,
     request_id: str,
     batch: bool,
-    model: ModelRef,
 ) -> PredictionGroup:
     """The request's prediction-log rows, one object for all of them, with the model version
     they came from."""
@@ -125,15 +125,37 @@ def prediction_group(
         request_id=request_id,
         created_at=datetime.now(UTC),
         key_id=getattr(request.state, "key_id", None),
-        model_version=str(model.version),
-        bento_tag=model.bento_tag,
+        model_version=str(answers.model.version),
+        bento_tag=answers.model.bento_tag,
         latency_ms=latency_ms,
         client_request_id=request.state.client_request_id,
-        row_ids=tuple(log_row_ids(request_id, len(predictions), batch=batch)),
+        row_ids=tuple(log_row_ids(request_id, len(answers.probabilities), batch=batch)),
         inputs_json=tuple(o.model_dump_json(exclude_none=True) for o in observations),
-        probabilities=tuple(p.probability for p in predictions),
-        risk_levels=tuple(p.risk_level for p in predictions),
+        probabilities=tuple(answers.probabilities),
+        risk_levels=tuple(answers.risk_levels),
     )
+
+
+def _ids_json(request_id: str, client_request_id: str | None) -> str:
+    """``"request_id":...,"client_request_id":...`` as pydantic writes them."""
+    return _IDS.dump_json({"request_id": request_id, "client_request_id": client_request_id}).decode()[1:-1]
+
+
+def predictions_json(answers: Answers, *, request_id: str, client_request_id: str | None) -> list[str]:
+    """Each row as the JSON of its :class:`Prediction`, in the model's field order.
+
+    Rows differ only in probability and risk level, so pydantic writes the rest (model and
+    ids) once and each row is one string format: a model instance per row and its serializer
+    cost more than the model run on a 256-row batch. ``repr`` of a finite float is a JSON
+    number, and the probabilities were checked finite. Tests compare the result with
+    ``Prediction.model_dump_json`` field for field.
+    """
+    shared = f'"model":{answers.model.model_dump_json()},{_ids_json(request_id, client_request_id)}}}'
+    levels = {level: _LEVEL.dump_json(level).decode() for level in set(answers.risk_levels)}
+    return [
+        f'{{"probability":{p!r},"risk_level":{levels[level]},{shared}'
+        for p, level in zip(answers.probabilities, answers.risk_levels, strict=True)
+    ]
 
 
 @router.post(
@@ -156,10 +178,12 @@ async def predict(
 ) -> Response:
     """One day's weather: its flood probability, risk level (Safe / Alert / Critical) and
     the model version that answered. The key is checked and charged before the body is read."""
-    predictions = await predict_observations(
+    answers = await predict_observations(
         request, backend, [observation], request_id=request_id, route="predict"
     )
-    return json_response(request, predictions[0])
+    client_id = request.state.client_request_id
+    (body,) = predictions_json(answers, request_id=request_id, client_request_id=client_id)
+    return Response(body, media_type="application/json", headers=response_headers(request))
 
 
 @router.post(
@@ -180,15 +204,11 @@ async def predict_batch(
 ) -> Response:
     """One prediction per observation, in order. A batch costs one rate-limit unit per row
     (times the route's weight); over the limit, the whole batch is refused."""
-    predictions = await predict_observations(
+    answers = await predict_observations(
         request, backend, observations, request_id=request_id, route="predict_batch"
     )
-    return json_response(
-        request,
-        BatchPrediction.model_construct(
-            predictions=predictions,
-            count=len(predictions),
-            request_id=request_id,
-            client_request_id=request.state.client_request_id,
-        ),
-    )
+    client_id = request.state.client_request_id
+    rows = predictions_json(answers, request_id=request_id, client_request_id=client_id)
+    tail = _ids_json(request_id, client_id)
+    body = f'{{"predictions":[{",".join(rows)}],"count":{len(rows)},{tail}}}'
+    return Response(body, media_type="application/json", headers=response_headers(request))

@@ -22,6 +22,7 @@ from ops.tables import PredictionLogRow
 from serving.api.app import create_app
 from serving.api.deps import current_backend, optional_backend
 from serving.api.headers import MODEL_VERSION_HEADER, ResponseHeaders
+from serving.api.schemas import BatchPrediction
 from serving.operations import EdgeOperations
 from serving.predictor import Predictor, ServedModel, engine_for
 from tests.conftest import POSTGRES_URL, REDIS_URL, require_service
@@ -120,6 +121,35 @@ def test_batch_agrees_with_single_predictions(client: TestClient) -> None:
         assert item["probability"] == single["probability"]
         assert item["risk_level"] == single["risk_level"]
         assert item["model"] == single["model"]
+
+
+def test_the_batch_body_is_a_valid_batch_prediction_in_order(backend: LocalBackend) -> None:
+    days = [DAY, {**DAY, "rainfall": 400}, {**DAY, "rainfall": 0}]
+    with make_client(backend) as client:
+        answer = client.post(
+            "/api/v1/predict/batch", json={"observations": days}, headers={"X-Request-ID": "b-9"}
+        )
+    assert answer.status_code == 200
+    batch = BatchPrediction.model_validate_json(answer.content)
+    assert batch.count == 3 and batch.client_request_id == "b-9"
+    assert [p.request_id for p in batch.predictions] == [batch.request_id] * 3
+    raw = np.array([[d["temperature"], d["humidity"], d["rainfall"]] + [math.nan] * 4 for d in days])
+    expected = backend.predictor.predict_proba(raw)
+    assert [p.probability for p in batch.predictions] == pytest.approx(list(expected))
+
+
+class NonFiniteBackend(LocalBackend):
+    async def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        return np.full(len(raw), math.nan)
+
+
+def test_a_non_finite_probability_is_503_not_an_invalid_body(backend: LocalBackend) -> None:
+    broken = NonFiniteBackend(served=backend.served, predictor=backend.predictor, engine=backend.engine)
+    with make_client(broken) as client:
+        for path, body in (("/api/v1/predict", DAY), ("/api/v1/predict/batch", {"observations": [DAY]})):
+            refused = client.post(path, json=body)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "model_unavailable"
 
 
 def test_batch_over_the_limit_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
