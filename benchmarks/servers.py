@@ -141,7 +141,12 @@ def mlflow_command(
 ) -> tuple[list[str], dict[str, str]]:
     # mlflow execs `uvicorn` by name, so the venv's bin directory must be on PATH.
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri}
+    # Both: MLflow resolves models:/ through MLFLOW_REGISTRY_URI when it is set.
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_REGISTRY_URI": settings.tracking_uri,
+    }
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     argv = [mlflow, "models", "serve", "-m", f"models:/{settings.flood_model_name}/{model.version}",

@@ -70,7 +70,16 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 def flood_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home = tmp_path / "flood-home"
     monkeypatch.setenv("FLOOD_HOME", str(home))
-    for var in ("FLOOD_ENV", "DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_URI", "SECRET_KEY"):
+    # MLFLOW_REGISTRY_URI too: Settings does not read it, but MLflow does, in this process and
+    # in every subprocess a test starts (a stale one sent `mlflow models serve` to another store).
+    for var in (
+        "FLOOD_ENV",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_REGISTRY_URI",
+        "SECRET_KEY",
+    ):
         monkeypatch.delenv(var, raising=False)
     get_settings.cache_clear()
     yield home

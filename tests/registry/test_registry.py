@@ -78,8 +78,8 @@ def test_champion_alias_loads_promoted_version_and_rollback_restores_previous(
     expected_v2 = _flood_probability(second.pipeline, frame)
     assert not np.allclose(expected_v1, expected_v2), "the two versions must be distinguishable"
 
-    mlflow.set_tracking_uri(backend.tracking_uri)
-    mlflow.set_registry_uri(backend.tracking_uri)
+    # registry.connect (in log_training_run) pointed MLflow's fluent API at the backend.
+    assert mlflow.get_registry_uri() == backend.tracking_uri
     champion_uri = f"models:/{backend.flood_model_name}@champion"
 
     promoted = registry.promote_version(v1.version)
