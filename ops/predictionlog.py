@@ -306,20 +306,16 @@ def _copy_text(batch: Sequence[PredictionGroup]) -> io.StringIO:
         tail = (group.model_version, group.bento_tag, str(group.latency_ms), group.client_request_id)
         head = "\t".join(_copy_value(v) for v in shared)
         end = "\t".join(_copy_value(v) for v in tail)
-        varying = "".join((*group.row_ids, *group.inputs_json, *set(group.risk_levels)))
+        row_ids, inputs_json, levels = group.row_ids, group.inputs_json, group.risk_levels
+        varying = "".join((*row_ids, *inputs_json, *set(levels)))
         if any(special in varying for special in _COPY_SPECIALS):
-            buffer.writelines(
-                f"{_copy_value(row_id)}\t{head}\t{_copy_value(inputs)}\t{probability}\t"
-                f"{_copy_value(level)}\t{end}\n"
-                for row_id, inputs, probability, level in zip(
-                    group.row_ids, group.inputs_json, group.probabilities, group.risk_levels, strict=True
-                )
+            row_ids, inputs_json, levels = (
+                tuple(map(_copy_value, v)) for v in (row_ids, inputs_json, levels)
             )
-            continue
         buffer.writelines(
             f"{row_id}\t{head}\t{inputs}\t{probability}\t{level}\t{end}\n"
             for row_id, inputs, probability, level in zip(
-                group.row_ids, group.inputs_json, group.probabilities, group.risk_levels, strict=True
+                row_ids, inputs_json, group.probabilities, levels, strict=True
             )
         )
     buffer.seek(0)

@@ -46,13 +46,15 @@ _IDS = TypeAdapter(dict[str, str | None])
 _LEVEL = TypeAdapter(str)
 
 
-def json_response(request: Request, body: BaseModel) -> Response:
-    """``body`` through pydantic's own serializer, with the headers decided on the way.
+def json_response(request: Request, body: BaseModel | str) -> Response:
+    """``body`` through pydantic's own serializer (or JSON text already written), with the
+    headers decided on the way.
 
     FastAPI's response_model path re-validates and goes through json.dumps; for a 256-row
     batch answer that cost more CPU than the model run. The route still declares the model.
     """
-    return Response(body.model_dump_json(), media_type="application/json", headers=response_headers(request))
+    text = body if isinstance(body, str) else body.model_dump_json()
+    return Response(text, media_type="application/json", headers=response_headers(request))
 
 
 def observations_to_raw(observations: Sequence[Observation]) -> np.ndarray:
@@ -142,15 +144,25 @@ def _ids_json(request_id: str, client_request_id: str | None) -> str:
 
 
 def predictions_json(answers: Answers, *, request_id: str, client_request_id: str | None) -> list[str]:
-    """Each row as the JSON of its :class:`Prediction`, in the model's field order.
+    """Each row as the JSON of its :class:`Prediction`, in the model's field order."""
+    return _rows_json(answers, _ids_json(request_id, client_request_id))
 
-    Rows differ only in probability and risk level, so pydantic writes the rest (model and
+
+def batch_json(answers: Answers, *, request_id: str, client_request_id: str | None) -> str:
+    """The JSON of the :class:`BatchPrediction` of ``answers``, in the model's field order."""
+    ids = _ids_json(request_id, client_request_id)
+    rows = _rows_json(answers, ids)
+    return f'{{"predictions":[{",".join(rows)}],"count":{len(rows)},{ids}}}'
+
+
+def _rows_json(answers: Answers, ids: str) -> list[str]:
+    """Rows differ only in probability and risk level, so pydantic writes the rest (model and
     ids) once and each row is one string format: a model instance per row and its serializer
     cost more than the model run on a 256-row batch. ``repr`` of a finite float is a JSON
     number, and the probabilities were checked finite. Tests compare the result with
-    ``Prediction.model_dump_json`` field for field.
+    pydantic's own ``model_dump_json`` field for field.
     """
-    shared = f'"model":{answers.model.model_dump_json()},{_ids_json(request_id, client_request_id)}}}'
+    shared = f'"model":{answers.model.model_dump_json()},{ids}}}'
     levels = {level: _LEVEL.dump_json(level).decode() for level in set(answers.risk_levels)}
     return [
         f'{{"probability":{p!r},"risk_level":{levels[level]},{shared}'
@@ -181,9 +193,10 @@ async def predict(
     answers = await predict_observations(
         request, backend, [observation], request_id=request_id, route="predict"
     )
-    client_id = request.state.client_request_id
-    (body,) = predictions_json(answers, request_id=request_id, client_request_id=client_id)
-    return Response(body, media_type="application/json", headers=response_headers(request))
+    (body,) = predictions_json(
+        answers, request_id=request_id, client_request_id=request.state.client_request_id
+    )
+    return json_response(request, body)
 
 
 @router.post(
@@ -207,8 +220,5 @@ async def predict_batch(
     answers = await predict_observations(
         request, backend, observations, request_id=request_id, route="predict_batch"
     )
-    client_id = request.state.client_request_id
-    rows = predictions_json(answers, request_id=request_id, client_request_id=client_id)
-    tail = _ids_json(request_id, client_id)
-    body = f'{{"predictions":[{",".join(rows)}],"count":{len(rows)},{tail}}}'
-    return Response(body, media_type="application/json", headers=response_headers(request))
+    body = batch_json(answers, request_id=request_id, client_request_id=request.state.client_request_id)
+    return json_response(request, body)
