@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # Cost per row for each route; routes not listed cost one per row.
     rate_limit_route_weights: dict[str, int] = Field(default_factory=dict)
     rate_limit_policy: Literal["fail-open", "fail-closed"] = "fail-open"
+    # How long a charge waits on Redis before RATE_LIMIT_POLICY decides. The wait includes
+    # the worker's own event-loop delay: at 250 ms a CPU-saturated worker timed out on a
+    # healthy Redis, and under fail-closed a timeout refuses for the 5 s retry pause.
+    rate_limit_redis_timeout_ms: int = Field(default=1000, ge=10, le=30_000)
     # Where the limits are counted (redis://, rediss://, unix:// or memory://); unset:
     # REDIS_URL, else in-process.
     rate_limit_storage_uri: str | None = None

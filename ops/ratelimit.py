@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import re
@@ -37,8 +38,7 @@ from typing import Any
 
 import redis.asyncio as redis_asyncio
 from redis.asyncio.client import Pipeline
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from core.errors import ConfigurationError, DependencyUnavailableError
 from core.settings import Settings, get_settings
@@ -46,9 +46,6 @@ from core.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEY_PREFIX = "flood-ratelimit"
-# Short socket timeouts: a limiter that waits seconds on Redis is worse than one that
-# falls back, and a healthy local Redis answers in well under a millisecond.
-_REDIS_TIMEOUT_S = 0.25
 _REDIS_RETRY_AFTER_S = 5.0
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 # The in-process store forgets idle keys once it holds this many.
@@ -98,6 +95,8 @@ end
 result[1] = refused
 return result
 """
+# Redis names a loaded script by its SHA-1.
+_CHARGE_SHA = hashlib.sha1(_CHARGE_LUA.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -269,28 +268,27 @@ class _MemoryCounters:
 class _RedisCounters:
     """The charge script on Redis; charges made in one event-loop tick share one pipeline."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, timeout_s: float) -> None:
         self._url = url
+        self._timeout_s = timeout_s
         self._client: redis_asyncio.Redis | None = None
-        self._script: AsyncScript | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[tuple[Sequence[str], list[int], asyncio.Future[list[int]]]] = []
         self._sending: set[asyncio.Task[None]] = set()
         self.round_trips = 0
 
-    def _client_for_loop(self) -> tuple[redis_asyncio.Redis, AsyncScript]:
+    def _client_for_loop(self) -> redis_asyncio.Redis:
         # A client's connections belong to one event loop: one client per loop (a worker
         # has one; tests may run several in turn).
         loop = asyncio.get_running_loop()
-        if self._client is None or self._script is None or self._loop is not loop:
+        if self._client is None or self._loop is not loop:
             self._client = redis_asyncio.Redis.from_url(
                 self._url,
-                socket_timeout=_REDIS_TIMEOUT_S,
-                socket_connect_timeout=_REDIS_TIMEOUT_S,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
             )
-            self._script = self._client.register_script(_CHARGE_LUA)
             self._loop, self._pending = loop, []
-        return self._client, self._script
+        return self._client
 
     async def charge(self, keys: Sequence[str], windows: Sequence[Window], cost: int) -> list[int]:
         self._client_for_loop()
@@ -312,14 +310,18 @@ class _RedisCounters:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[Sequence[str], list[int], asyncio.Future[list[int]]]]) -> None:
-        client, script = self._client_for_loop()
-        self.round_trips += 1
+        client = self._client_for_loop()
         try:
-            pipe: Pipeline
-            async with client.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    await script(keys=keys, args=args, client=pipe)
-                answers = await pipe.execute(raise_on_error=False)
+            answers = await self._evalsha(client, batch)
+            missing = [i for i, outcome in enumerate(answers) if isinstance(outcome, NoScriptError)]
+            if missing:
+                # A new or restarted Redis: load the script once and send those charges again.
+                # (redis-py's Script objects instead ask SCRIPT EXISTS before every pipeline,
+                # a second round trip per charge batch.)
+                await client.script_load(_CHARGE_LUA)
+                again = await self._evalsha(client, [batch[i] for i in missing])
+                for i, outcome in zip(missing, again, strict=True):
+                    answers[i] = outcome
         except (TimeoutError, RedisError, OSError) as exc:
             answers = [exc] * len(batch)
         for (_, _, answer), outcome in zip(batch, answers, strict=True):
@@ -330,8 +332,20 @@ class _RedisCounters:
             else:
                 answer.set_result(outcome)
 
+    async def _evalsha(
+        self,
+        client: redis_asyncio.Redis,
+        batch: Sequence[tuple[Sequence[str], list[int], asyncio.Future[list[int]]]],
+    ) -> list[Any]:
+        self.round_trips += 1
+        pipe: Pipeline
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(_CHARGE_SHA, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
     async def ping(self) -> bool:
-        client, _ = self._client_for_loop()
+        client = self._client_for_loop()
         try:
             return bool(await client.ping())  # type: ignore[misc]  # redis-py types sync and async as one
         except (TimeoutError, RedisError, OSError):
@@ -362,7 +376,11 @@ class RateLimiter:
                 "use redis://, rediss://, unix:// or memory://"
             )
         self._memory = _MemoryCounters()
-        self._redis = _RedisCounters(uri) if self.backend != "memory" else None
+        self._redis = (
+            _RedisCounters(uri, timeout_s=self._settings.rate_limit_redis_timeout_ms / 1000)
+            if self.backend != "memory"
+            else None
+        )
         self._redis_down_until = 0.0
         self._redis_retry_s = redis_retry_seconds
         self.fallback_decisions = 0

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
+import redis
 
 from core.errors import ConfigurationError, DependencyUnavailableError
 from core.settings import get_settings
@@ -145,6 +146,34 @@ def test_charges_made_together_share_round_trips_and_stay_exact(
     assert sorted(d.remaining for d in allowed) == list(range(20))
     assert all(d.retry_after is not None and 1 <= d.retry_after <= 60 for d in decisions if not d.allowed)
     assert limiter.redis_round_trips < len(decisions), limiter.redis_round_trips
+
+
+@pytest.mark.redis
+def test_a_charge_is_one_command_and_a_flushed_script_is_loaded_again(
+    tiers: dict[str, str], redis_url: str, redis_prefix: str
+) -> None:
+    """redis-py's Script objects asked SCRIPT EXISTS before every pipeline: two round trips
+    per charge batch. Now a charge is one EVALSHA, and a Redis that lost the script (restart,
+    SCRIPT FLUSH) gets it loaded once."""
+    admin = redis.Redis.from_url(redis_url)
+
+    def calls(command: str) -> int:
+        stats: dict[str, dict[str, int]] = admin.info("commandstats")  # type: ignore[assignment]
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    try:
+        limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
+        assert hit(limiter, "k", "basic").allowed  # loads the script if this Redis lacks it
+        exists, loads, evalshas = calls("script|exists"), calls("script|load"), calls("evalsha")
+        assert [hit(limiter, "k", "basic").remaining for _ in range(5)] == [18, 17, 16, 15, 14]
+        assert calls("script|exists") == exists and calls("script|load") == loads
+        assert calls("evalsha") == evalshas + 5
+        admin.script_flush()
+        again = hit(limiter, "k", "basic")
+        assert again.allowed and not again.degraded and again.remaining == 13
+        assert calls("script|load") == loads + 1
+    finally:
+        admin.close()
 
 
 def test_limit_notation() -> None:
@@ -293,3 +322,41 @@ def test_forgetting_idle_in_process_counters_keeps_live_longer_windows(
 
     run(many_keys())
     assert not hit(limiter, "k", "hourly").allowed
+
+
+@pytest.mark.redis
+@pytest.mark.faults
+def test_a_busy_event_loop_does_not_make_a_healthy_redis_look_down(
+    monkeypatch: pytest.MonkeyPatch, tiers: dict[str, str], redis_url: str, redis_prefix: str
+) -> None:
+    """The wait on Redis is timed on the worker's event loop, so a loop busy for longer than
+    the timeout (a CPU-saturated worker) times out on an answer that has arrived. At the
+    old 250 ms a 400 ms stall did, and fail-closed then refused for its 5 s retry pause."""
+
+    async def charge_while_the_loop_is_busy(limiter: RateLimiter) -> RateLimitDecision:
+        await limiter.hit("busy", "basic")  # connected, the script loaded
+        # Redis holds its answer for 50 ms, so the charge is surely in flight when the loop
+        # stalls; the answer is back long before the stall ends.
+        pauser.execute_command("CLIENT", "PAUSE", "50", "ALL")
+        charge = asyncio.ensure_future(limiter.hit("busy", "basic"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        time.sleep(0.4)  # other requests' CPU work, holding the loop
+        return await charge
+
+    def limiter_with(timeout_ms: int | None) -> RateLimiter:
+        if timeout_ms is not None:
+            monkeypatch.setenv("RATE_LIMIT_REDIS_TIMEOUT_MS", str(timeout_ms))
+        get_settings.cache_clear()
+        return RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix, policy="fail-closed")
+
+    pauser = redis.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(DependencyUnavailableError):
+            run(charge_while_the_loop_is_busy(limiter_with(250)))
+        monkeypatch.delenv("RATE_LIMIT_REDIS_TIMEOUT_MS")
+        default = limiter_with(None)
+        decision = run(charge_while_the_loop_is_busy(default))
+    finally:
+        pauser.close()
+    assert decision.allowed and not decision.degraded and not default.degraded

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -361,18 +362,20 @@ def test_a_batch_costs_its_rows(deployment: OpsDeployment) -> None:
 def test_two_processes_share_one_limit(deployment: OpsDeployment) -> None:
     headers = {"X-API-Key": deployment.key("shared")}  # 10/minute
 
-    async def burst() -> list[int]:
+    async def burst() -> list[tuple[int, str]]:
         async with httpx.AsyncClient(timeout=30, headers=headers) as client:
             calls = [
                 client.post(f"{server.url}/api/v1/predict", json=DAY)
                 for _ in range(15)
                 for server in (deployment.a, deployment.b)
             ]
-            return [r.status_code for r in await asyncio.gather(*calls)]
+            answers = await asyncio.gather(*calls)
+            return [(r.status_code, r.json().get("error", {}).get("code", "")) for r in answers]
 
-    statuses = asyncio.run(burst())
-    assert statuses.count(200) == 10, statuses
-    assert statuses.count(429) == 20, statuses
+    outcomes = asyncio.run(burst())
+    statuses = [status for status, _ in outcomes]
+    assert statuses.count(200) == 10, Counter(outcomes)
+    assert statuses.count(429) == 20, Counter(outcomes)
 
 
 def test_fail_open_serves_without_redis_and_reports_degraded(deployment: OpsDeployment) -> None:
