@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+from redis.asyncio.connection import DefaultParser, _AsyncHiredisParser
 
 from core.errors import ConfigurationError, DependencyUnavailableError
 from core.settings import get_settings
@@ -360,3 +361,9 @@ def test_a_busy_event_loop_does_not_make_a_healthy_redis_look_down(
     finally:
         pauser.close()
     assert decision.allowed and not decision.degraded and not default.degraded
+
+
+def test_the_redis_client_parses_replies_with_hiredis() -> None:
+    """hiredis is a dependency because it measured better: the limiter's client CPU per
+    charge fell from 30 to 22 us. redis-py uses it only when it is importable."""
+    assert DefaultParser is _AsyncHiredisParser
