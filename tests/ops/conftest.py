@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 
 from ops.database import dispose_engines
@@ -48,13 +49,17 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def redis_prefix(redis_url: str) -> Iterator[str]:
-    import redis
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A synchronous client to the test Redis, for looking behind the limiter."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
 
+
+@pytest.fixture
+def redis_prefix(redis_client: redis.Redis) -> Iterator[str]:
     prefix = f"flood-test-{uuid.uuid4().hex}"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    keys = list(redis_client.scan_iter(match=f"{prefix}:*"))
     if keys:
-        client.delete(*keys)
-    client.close()
+        redis_client.delete(*keys)

@@ -86,31 +86,25 @@ def test_headers_and_retry_after(tiers: dict[str, str], redis_url: str, redis_pr
     assert denied.headers()["Retry-After"] == str(denied.retry_after)
 
 
-def window_count(redis_url: str, prefix: str, identity: str, window: str) -> int:
+def window_count(client: redis.Redis, prefix: str, identity: str, window: str) -> int:
     """What Redis holds for one of a key's windows (``window`` as in "3/60s")."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        count = client.hget(f"{prefix}:{{{identity}}}:{window}", "c")
-    finally:
-        client.close()
+    count = client.hget(f"{prefix}:{{{identity}}}:{window}", "c")
     return int(count or 0)  # type: ignore[arg-type]
 
 
 @pytest.mark.redis
 def test_multiple_windows_and_refusals_do_not_drain_the_longer_one(
-    tiers: dict[str, str], redis_url: str, redis_prefix: str
+    tiers: dict[str, str], redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
     assert allowed_count(limiter, "k", "tiny", 10) == 3  # 3/minute binds first
     # The 7 refusals cost the hour nothing.
-    assert window_count(redis_url, redis_prefix, "k", "4/3600s") == 3
+    assert window_count(redis_client, redis_prefix, "k", "4/3600s") == 3
 
 
 @pytest.mark.parametrize("store", ["redis", "memory"])
 def test_a_tiers_windows_are_charged_as_a_pair(
-    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_prefix: str, store: str
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_prefix: str, redis_client: redis.Redis, store: str
 ) -> None:
     """A request the longer window refuses is not charged to the shorter one either."""
     monkeypatch.setenv("RATE_LIMIT_TIERS", json.dumps({"pair": "4/second;6/minute"}))
@@ -128,8 +122,8 @@ def test_a_tiers_windows_are_charged_as_a_pair(
     allowed = hit(limiter, "k", "pair", cost=2)
     assert allowed.allowed and allowed.remaining == 0 and allowed.limit == 6
     if store == "redis":
-        assert window_count(redis_url, redis_prefix, "k", "4/1s") == 2
-        assert window_count(redis_url, redis_prefix, "k", "6/60s") == 6
+        assert window_count(redis_client, redis_prefix, "k", "4/1s") == 2
+        assert window_count(redis_client, redis_prefix, "k", "6/60s") == 6
 
 
 @pytest.mark.redis
@@ -151,30 +145,26 @@ def test_charges_made_together_share_round_trips_and_stay_exact(
 
 @pytest.mark.redis
 def test_a_charge_is_one_command_and_a_flushed_script_is_loaded_again(
-    tiers: dict[str, str], redis_url: str, redis_prefix: str
+    tiers: dict[str, str], redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     """redis-py's Script objects asked SCRIPT EXISTS before every pipeline: two round trips
     per charge batch. Now a charge is one EVALSHA, and a Redis that lost the script (restart,
     SCRIPT FLUSH) gets it loaded once."""
-    admin = redis.Redis.from_url(redis_url)
 
     def calls(command: str) -> int:
-        stats: dict[str, dict[str, int]] = admin.info("commandstats")  # type: ignore[assignment]
+        stats: dict[str, dict[str, int]] = redis_client.info("commandstats")  # type: ignore[assignment]
         return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
-    try:
-        limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
-        assert hit(limiter, "k", "basic").allowed  # loads the script if this Redis lacks it
-        exists, loads, evalshas = calls("script|exists"), calls("script|load"), calls("evalsha")
-        assert [hit(limiter, "k", "basic").remaining for _ in range(5)] == [18, 17, 16, 15, 14]
-        assert calls("script|exists") == exists and calls("script|load") == loads
-        assert calls("evalsha") == evalshas + 5
-        admin.script_flush()
-        again = hit(limiter, "k", "basic")
-        assert again.allowed and not again.degraded and again.remaining == 13
-        assert calls("script|load") == loads + 1
-    finally:
-        admin.close()
+    limiter = RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix)
+    assert hit(limiter, "k", "basic").allowed  # loads the script if this Redis lacks it
+    exists, loads, evalshas = calls("script|exists"), calls("script|load"), calls("evalsha")
+    assert [hit(limiter, "k", "basic").remaining for _ in range(5)] == [18, 17, 16, 15, 14]
+    assert calls("script|exists") == exists and calls("script|load") == loads
+    assert calls("evalsha") == evalshas + 5
+    redis_client.script_flush()
+    again = hit(limiter, "k", "basic")
+    assert again.allowed and not again.degraded and again.remaining == 13
+    assert calls("script|load") == loads + 1
 
 
 def test_limit_notation() -> None:
@@ -221,7 +211,7 @@ def _hit_many(prefix: str, attempts: int, start_at: float) -> int:
 
 @pytest.mark.redis
 def test_two_processes_share_one_limit(
-    monkeypatch: pytest.MonkeyPatch, redis_url: str, redis_prefix: str
+    monkeypatch: pytest.MonkeyPatch, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     monkeypatch.setenv("RATE_LIMIT_TIERS", json.dumps({"shared": "20/minute;25/hour"}))
     get_settings.cache_clear()
@@ -232,7 +222,7 @@ def test_two_processes_share_one_limit(
     assert sum(counts) == 20
     assert all(count > 0 for count in counts)
     # Each allowed request was charged to both windows, each refused one to neither.
-    assert window_count(redis_url, redis_prefix, "shared-key", "25/3600s") == 20
+    assert window_count(redis_client, redis_prefix, "shared-key", "25/3600s") == 20
 
 
 @pytest.mark.redis
@@ -328,7 +318,11 @@ def test_forgetting_idle_in_process_counters_keeps_live_longer_windows(
 @pytest.mark.redis
 @pytest.mark.faults
 def test_a_busy_event_loop_does_not_make_a_healthy_redis_look_down(
-    monkeypatch: pytest.MonkeyPatch, tiers: dict[str, str], redis_url: str, redis_prefix: str
+    monkeypatch: pytest.MonkeyPatch,
+    tiers: dict[str, str],
+    redis_url: str,
+    redis_prefix: str,
+    redis_client: redis.Redis,
 ) -> None:
     """The wait on Redis is timed on the worker's event loop, so a loop busy for longer than
     the timeout (a CPU-saturated worker) times out on an answer that has arrived. At the
@@ -338,7 +332,7 @@ def test_a_busy_event_loop_does_not_make_a_healthy_redis_look_down(
         await limiter.hit("busy", "basic")  # connected, the script loaded
         # Redis holds its answer for 50 ms, so the charge is surely in flight when the loop
         # stalls; the answer is back long before the stall ends.
-        pauser.execute_command("CLIENT", "PAUSE", "50", "ALL")
+        redis_client.execute_command("CLIENT", "PAUSE", "50", "ALL")
         charge = asyncio.ensure_future(limiter.hit("busy", "basic"))
         for _ in range(20):
             await asyncio.sleep(0)
@@ -351,15 +345,11 @@ def test_a_busy_event_loop_does_not_make_a_healthy_redis_look_down(
         get_settings.cache_clear()
         return RateLimiter(storage_uri=redis_url, key_prefix=redis_prefix, policy="fail-closed")
 
-    pauser = redis.Redis.from_url(redis_url)
-    try:
-        with pytest.raises(DependencyUnavailableError):
-            run(charge_while_the_loop_is_busy(limiter_with(250)))
-        monkeypatch.delenv("RATE_LIMIT_REDIS_TIMEOUT_MS")
-        default = limiter_with(None)
-        decision = run(charge_while_the_loop_is_busy(default))
-    finally:
-        pauser.close()
+    with pytest.raises(DependencyUnavailableError):
+        run(charge_while_the_loop_is_busy(limiter_with(250)))
+    monkeypatch.delenv("RATE_LIMIT_REDIS_TIMEOUT_MS")
+    default = limiter_with(None)
+    decision = run(charge_while_the_loop_is_busy(default))
     assert decision.allowed and not decision.degraded and not default.degraded
 
 
